@@ -1,0 +1,108 @@
+"""Tiny random models and locally trained tokenizers for tests and offline examples.
+
+Nothing here touches a hub: a tokenizer is trained in well under a second on a built-in
+corpus, a model is built from a config dict with random weights, and both are saved to a
+directory that every sparseft entry point accepts as ``backbone``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sparseft.backbone import build_config, load_backbone
+
+_CORPUS = """
+the movie was a delight from start to finish and the actors were great
+a dull , lifeless film with no story and bad acting
+it is not good but it is not bad either
+what a wonderful , moving and funny picture
+the plot makes no sense and the ending is terrible
+one of the best films of the year , full of heart
+question : who wrote the book ? answer : the author wrote it in paris in 1900
+the restaurant serves cheap italian food near the city centre and is family friendly
+name [ the eagle ] eattype [ coffee shop ] food [ french ] pricerange [ high ] area [ riverside ]
+""".strip().splitlines()
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "bert": dict(
+        model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128,
+    ),
+    "roberta": dict(
+        model_type="roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=130, pad_token_id=1,
+    ),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "llama": dict(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+    ),
+}
+
+
+def _wordpiece_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+def _byte_bpe_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+
+
+def make_tiny_tokenizer(kind: str = "wordpiece", corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a small tokenizer: ``wordpiece`` (BERT-style) or ``bpe`` (GPT-2-style byte-level)."""
+    corpus = corpus or _CORPUS
+    if kind == "wordpiece":
+        return _wordpiece_tokenizer(corpus)
+    if kind == "bpe":
+        return _byte_bpe_tokenizer(corpus)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece' or 'bpe'")
+
+
+def tiny_config(model_type: str = "bert", **overrides: Any) -> dict[str, Any]:
+    """A config dict for a 2-layer model with hidden size 32, vocabulary 400."""
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; choose one of {sorted(TINY_CONFIGS)}")
+    return {**TINY_CONFIGS[model_type], "vocab_size": 400, **overrides}
+
+
+def make_tiny_model_dir(
+    path: str | Path, model_type: str = "bert", task: str = "sequence-classification", num_labels: int = 2
+) -> Path:
+    """Save a random tiny model with a matching tokenizer to ``path`` and return it."""
+    path = Path(path)
+    tokenizer = make_tiny_tokenizer("bpe" if model_type in ("gpt2", "llama") else "wordpiece")
+    config = tiny_config(model_type)
+    for special in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(tokenizer, special) is not None:
+            config[special] = getattr(tokenizer, special)
+    model = load_backbone(task, config=build_config(config, task, num_labels), num_labels=num_labels)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
