@@ -1,0 +1,84 @@
+"""Masks from importance scores: exact top-k (per layer or global) and N:M.
+
+All functions are pure: scores in, boolean keep-masks out (``True`` = weight kept). Scores
+are ``[out, in]`` tensors, larger = more important.
+
+Exactness matters: ``topk_mask(s, 0.9)`` prunes exactly ``pruned_count(numel, 0.9)``
+weights, however many scores tie. Ties are broken deterministically by flat index (the
+lower index is pruned first), so every DDP rank, and every resumed run, gets the same mask.
+Selection uses ``kthvalue`` (linear time) rather than a full sort of the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Validate a sparsity fraction; sparsity 1.0 would remove whole layers, so it is refused."""
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}: it is the fraction of weights removed")
+    return float(sparsity)
+
+
+def pruned_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a sparsity prunes: ``floor(numel * sparsity)``.
+
+    A tiny tolerance keeps float error from losing one weight (0.29 * 100 = 28.999...).
+    """
+    return int(numel * check_sparsity(sparsity) + 1e-6)
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (same shape) of the ``k`` smallest scores, ties broken by flat index."""
+    flat = scores.detach().flatten()
+    prune = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return prune.view_as(scores)
+    if k >= flat.numel():
+        return ~prune.view_as(scores)
+    threshold = flat.kthvalue(k).values
+    prune |= flat < threshold
+    at_threshold = flat == threshold
+    still_needed = k - int(prune.sum())
+    prune |= at_threshold & (at_threshold.cumsum(0) <= still_needed)
+    return prune.view_as(scores)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of one layer that prunes exactly ``pruned_count`` lowest scores."""
+    return ~lowest_k(scores, pruned_count(scores.numel(), sparsity))
+
+
+def global_topk_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep-masks for several layers ranked together: one threshold over all their scores.
+
+    The total number pruned is exact; layers end up with different sparsities.
+    """
+    flat = torch.cat([score.detach().flatten().float() for score in scores])
+    keep = topk_mask(flat, sparsity)
+    return [part.view_as(score) for part, score in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive inputs of a row, keep the ``n`` largest.
+
+    This is the pattern of NVIDIA's 2:4 sparse tensor cores (``n=2, m=4``) along the input
+    dimension of an ``[out, in]`` weight. Ties are broken towards the lower index.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"N:M sparsity needs 0 < n < m, got {n}:{m}")
+    out_features, in_features = scores.shape
+    if in_features % m:
+        raise ValueError(f"N:M sparsity with m={m} needs in_features divisible by {m}, got {in_features}")
+    groups = scores.detach().reshape(out_features, in_features // m, m)
+    # stable descending sort keeps the lower index first among equal scores
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.view_as(scores)
+
+
+def sparsity_of(mask: torch.Tensor) -> float:
+    """Fraction of ``False`` (pruned) entries in a keep-mask."""
+    return 1.0 - float(mask.sum()) / mask.numel()
