@@ -30,6 +30,12 @@ def _as_items(targets: TargetSpec) -> list[str]:
     items = [targets] if isinstance(targets, str) else list(targets)
     if not items:
         raise ValueError("targets is an empty list: name at least one role or pattern, or leave it unset")
+    for item in items:
+        if item not in ROLES and item != ALL_ROLES:
+            try:
+                re.compile(item)
+            except re.error as error:
+                raise ValueError(f"target pattern {item!r} is not a valid regular expression: {error}") from None
     return items
 
 
@@ -52,10 +58,6 @@ def _no_match_error(item: str, model: nn.Module, candidates: list[LinearLayer]) 
             else f"there is no role preset for model type {model_type!r}; give regular expressions instead"
         )
         return ValueError(f"target role {item!r} matched no layer: {hint}. Linear layers: {shown}")
-    try:
-        re.compile(item)
-    except re.error as error:
-        return ValueError(f"target pattern {item!r} is not a valid regular expression: {error}")
     return ValueError(
         f"target pattern {item!r} matched no linear layer (patterns must match the whole module name, "
         f"e.g. '.*attention\\.self\\.query'). Linear layers: {shown}"

@@ -1,0 +1,9 @@
+"""Sparsity strategies: Lightning callbacks that drive the machinery in :mod:`sparseft.sparse`."""
+
+from sparseft.strategies.base import SparsityStrategy, build_strategy
+from sparseft.strategies.magnitude import Magnitude
+from sparseft.strategies.registry import available_strategies, get_strategy, register_strategy
+
+__all__ = [
+    "Magnitude", "SparsityStrategy", "available_strategies", "build_strategy", "get_strategy", "register_strategy",
+]

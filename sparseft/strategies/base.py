@@ -1,0 +1,229 @@
+"""``SparsityStrategy``: the Lightning callback every sparsification method is.
+
+The base class owns everything methods share: target selection, the parametrization and its
+masks, the schedule position, checkpoint state, logging and export metadata. A method
+overrides one or two of:
+
+* :meth:`compute_scores` — importance of each weight (the mask keeps the top ones);
+* :meth:`make_delta` / :meth:`make_score` — ΔW and straight-through score modules to attach;
+* :meth:`param_groups` — optimizer groups for what it adds (e.g. scores at lr 1e-2);
+* ``freeze_base`` (class attribute) — freeze ``W0`` for parameter-efficient methods.
+
+Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
+``on_train_start`` (training length), ``on_train_batch_start`` (schedule step, mask update),
+``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import asdict, is_dataclass
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from sparseft.sparse.layers import LinearLayer
+from sparseft.sparse.masks import check_sparsity
+from sparseft.sparse.parametrize import SparseLayer
+from sparseft.sparse.prune import MaskPattern, prune_, sparsify
+from sparseft.sparse.report import count_parameters
+from sparseft.sparse.schedules import SparsitySchedule
+from sparseft.sparse.targets import TargetSpec, describe_targets
+from sparseft.strategies.registry import get_strategy
+
+CHECKPOINT_KEY = "sparseft_strategy"
+
+
+class SparsityStrategy(Callback):
+    """Base of all sparsity strategies (see the module docstring for the contract).
+
+    Args:
+        sparsity: final fraction of target weights removed, in [0, 1).
+        targets: layers to sparsify: role names (``q``, ``k``, ``v``, ``qkv``, ``o``, ``ffn_in``,
+            ``ffn_out``, ``all``) or regular expressions matching whole module names. Default:
+            every linear of the transformer blocks.
+        schedule: how sparsity grows over training (default: cubic, dense for the first 10% of
+            steps, final sparsity for the last 30%).
+        pattern: ``layer`` (exact top-k per layer), ``global`` (one top-k over all targets) or
+            ``N:M`` such as ``2:4`` (needs a one_shot or constant schedule).
+        log_layers: also log every target layer's sparsity (``sparsity/layer/<name>``).
+    """
+
+    strategy_name: ClassVar[str] = ""
+    freeze_base: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Record each instance's constructor arguments, so a checkpoint can rebuild it."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def recording_init(self: SparsityStrategy, *args: Any, **init_kwargs: Any) -> None:
+            if not hasattr(self, "_init_args"):
+                bound = inspect.signature(init).bind(self, *args, **init_kwargs)
+                bound.apply_defaults()
+                self._init_args = dict(list(bound.arguments.items())[1:])
+            init(self, *args, **init_kwargs)
+
+        cls.__init__ = recording_init
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        targets: TargetSpec = None,
+        schedule: SparsitySchedule | None = None,
+        pattern: str = "layer",
+        log_layers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.final_sparsity = check_sparsity(sparsity)
+        self.targets = targets
+        self.schedule = schedule or SparsitySchedule(initial_warmup=0.1, final_warmup=0.3)
+        self.pattern = pattern
+        self._check_pattern(MaskPattern.parse(pattern))
+        self.log_layers = log_layers
+        self.layers: list[SparseLayer] = []
+        self.applied_sparsity = 0.0
+        self.total_steps = 0
+        self._measured: dict[str, float] = {}
+
+    def _check_pattern(self, pattern: MaskPattern) -> None:
+        if pattern.scope != "nm":
+            return
+        if self.schedule.kind not in ("one_shot", "constant"):
+            raise ValueError(f"pattern {self.pattern!r} has a fixed sparsity: use a one_shot or constant schedule")
+        if abs(pattern.nm_sparsity - self.final_sparsity) > 1e-9:
+            raise ValueError(f"pattern {self.pattern!r} means sparsity {pattern.nm_sparsity}; set sparsity to it")
+
+    # ---- what a method overrides -------------------------------------------------------
+    def make_delta(self, layer: LinearLayer) -> nn.Module | None:
+        """ΔW module for ``layer`` (``forward()`` returns ``[out, in]``), or None."""
+        return None
+
+    def make_score(self, layer: LinearLayer) -> nn.Module | None:
+        """Straight-through score module for ``layer`` (``forward(w)`` returns scores), or None."""
+        return None
+
+    def compute_scores(self) -> list[torch.Tensor]:
+        """Importance of every target weight, one ``[out, in]`` tensor per layer; higher is kept."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_scores()")
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for tensors this strategy adds (default: none)."""
+        return []
+
+    def needs_update(self, sparsity: float) -> bool:
+        """Whether masks must be recomputed for this step's target sparsity."""
+        return sparsity != self.applied_sparsity
+
+    # ---- plain PyTorch part ---------------------------------------------------------------
+    def attach(self, model: nn.Module) -> list[SparseLayer]:
+        """Select targets and attach the parametrization (idempotent)."""
+        if not self.layers:
+            self.layers = sparsify(model, self.targets, self.make_delta, self.make_score, self.freeze_base)
+            self._measure()
+        return self.layers
+
+    @torch.no_grad()
+    def update_masks(self, sparsity: float) -> None:
+        """Recompute every mask to keep the top scores at ``sparsity``."""
+        prune_(self.layers, self.compute_scores(), sparsity, self.pattern)
+        self.applied_sparsity = sparsity
+        self._measure()
+
+    def _measure(self) -> None:
+        self._measured = {s.name: 1.0 - float(s.mask.sum()) / s.mask.numel() for s in self.layers}
+
+    def measured_sparsity(self) -> float:
+        """Fraction of target weights currently masked (measured from the masks)."""
+        total = sum(s.mask.numel() for s in self.layers)
+        return sum(self._measured[s.name] * s.mask.numel() for s in self.layers) / max(total, 1)
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.attach(pl_module.model)
+        trainable, total = count_parameters(pl_module)
+        rank_zero_info(
+            f"sparseft: strategy {self.strategy_name!r}, final sparsity {self.final_sparsity:.2%}\n"
+            f"{describe_targets([s.layer for s in self.layers])}\n"
+            f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
+        )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        if self.total_steps and self.total_steps != total:
+            rank_zero_warn(f"resumed run has {total} optimizer steps, the checkpoint's had {self.total_steps}")
+        self.total_steps = total
+        trainable, all_params = count_parameters(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
+
+    def target_sparsity(self, step: int) -> float:
+        return self.schedule(step, self.total_steps, self.final_sparsity)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        sparsity = self.target_sparsity(trainer.global_step)
+        if self.needs_update(sparsity):
+            self.update_masks(sparsity)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log("sparsity/target", self.applied_sparsity)
+        pl_module.log("sparsity/actual", self.measured_sparsity(), prog_bar=True)
+        if self.log_layers:
+            pl_module.log_dict({f"sparsity/layer/{name}": value for name, value in self._measured.items()})
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.applied_sparsity != self.final_sparsity:
+            rank_zero_warn(
+                f"training ended at sparsity {self.applied_sparsity:.4f} before the schedule reached "
+                f"{self.final_sparsity}; masks are set to the final sparsity now, with no recovery steps. "
+                "Train longer or raise schedule.final_warmup."
+            )
+            self.update_masks(self.final_sparsity)
+
+    # ---- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy_name,
+            "applied_sparsity": self.applied_sparsity,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("strategy")
+        if saved != self.strategy_name:
+            raise ValueError(f"checkpoint state is from strategy {saved!r}, this run uses {self.strategy_name!r}")
+        self.applied_sparsity = state_dict["applied_sparsity"]
+        self.total_steps = state_dict["total_steps"]
+        self._measure()
+
+    def describe(self) -> dict[str, Any]:
+        """Name, class path and constructor arguments: enough to rebuild this strategy."""
+        cls = type(self)
+        init_args = {k: _plain(v) for k, v in getattr(self, "_init_args", {}).items()}
+        return {"name": self.strategy_name, "class_path": f"{cls.__module__}.{cls.__qualname__}",
+                "init_args": init_args}
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.describe()
+
+
+def _plain(value: Any) -> Any:
+    """Constructor arguments as plain data (dataclasses such as schedules become dicts)."""
+    return asdict(value) if is_dataclass(value) else value
+
+
+def build_strategy(description: dict[str, Any]) -> SparsityStrategy:
+    """Rebuild a strategy from :meth:`SparsityStrategy.describe` (e.g. a checkpoint's entry)."""
+    cls = get_strategy(description["name"])
+    kwargs = dict(description.get("init_args", {}))
+    if isinstance(kwargs.get("schedule"), dict):
+        kwargs["schedule"] = SparsitySchedule(**kwargs["schedule"])
+    return cls(**kwargs)

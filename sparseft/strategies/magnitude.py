@@ -1,0 +1,33 @@
+"""Gradual magnitude pruning (Zhu & Gupta, 2017): the baseline every sparse fine-tuning paper uses."""
+
+from __future__ import annotations
+
+import torch
+
+from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.registry import register_strategy
+
+
+@register_strategy("magnitude")
+class Magnitude(SparsityStrategy):
+    """Gradual magnitude pruning: keep the largest ``|W|``, raising sparsity on a schedule.
+
+    Score ``S = |W| ⊙ M``: weights are trained as usual (``W0`` is not frozen) and at every
+    mask update the smallest-magnitude surviving weights are removed until the scheduled
+    sparsity is reached, per layer or globally. Pruned weights stay pruned (their score is 0),
+    so masks only shrink, as in Zhu & Gupta's TensorFlow implementation. The default schedule
+    is their cubic ramp ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n·Δt))³`` (eq. 1).
+
+    Runs on: ``on_train_batch_start`` (mask update when the scheduled sparsity changes),
+    ``on_train_end`` (final sparsity exactly).
+
+    Args:
+        sparsity: final fraction of target weights removed, in [0, 1).
+        targets: role names or whole-name regular expressions (default: all block linears).
+        schedule: sparsity over training (default cubic, warm-ups 0.1 and 0.3).
+        pattern: ``layer``, ``global`` or ``N:M`` (e.g. ``2:4``).
+        log_layers: log every target layer's sparsity.
+    """
+
+    def compute_scores(self) -> list[torch.Tensor]:
+        return [layer.dense().abs() * layer.mask for layer in self.layers]

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from sparseft.sparse.masks import global_topk_masks, lowest_k, nm_mask, pruned_count, topk_mask
+
+
+def test_topk_prunes_the_smallest_exactly():
+    scores = torch.tensor([[0.5, -3.0, 2.0], [1.0, 0.1, 4.0]])
+    keep = topk_mask(scores.abs(), 0.5)
+    # |scores| = .5 3 2 / 1 .1 4 -> prune the three smallest: .1, .5, 1
+    assert keep.tolist() == [[False, True, True], [False, False, True]]
+
+
+def test_topk_breaks_ties_by_index_and_keeps_the_count():
+    scores = torch.zeros(4, 5)
+    keep = topk_mask(scores, 0.3)
+    assert int((~keep).sum()) == 6
+    assert (~keep).flatten().tolist() == [True] * 6 + [False] * 14
+    assert torch.equal(keep, topk_mask(scores.clone(), 0.3))  # deterministic
+
+
+def test_topk_ties_at_threshold_only_take_what_is_needed():
+    scores = torch.tensor([3.0, 1.0, 2.0, 1.0, 1.0, 5.0])
+    prune = lowest_k(scores, 2)
+    assert prune.tolist() == [False, True, False, True, False, False]
+
+
+@pytest.mark.parametrize("numel, sparsity, expected", [(100, 0.29, 29), (10, 0.7, 7), (768 * 768, 0.9, 530841), (7, 0.5, 3)])
+def test_pruned_count_is_floor_without_float_loss(numel, sparsity, expected):
+    assert pruned_count(numel, sparsity) == expected
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_outside_unit_interval_is_refused(sparsity):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        topk_mask(torch.ones(3, 3), sparsity)
+
+
+def test_global_topk_ranks_layers_together():
+    small = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    large = torch.tensor([[10.0, 20.0], [30.0, 0.05]])
+    keep_small, keep_large = global_topk_masks([small, large], 0.5)
+    assert keep_small.tolist() == [[False, False], [False, True]]
+    assert keep_large.tolist() == [[True, True], [True, False]]
+
+
+def test_nm_mask_keeps_n_of_every_m():
+    torch.manual_seed(0)
+    scores = torch.randn(8, 16).abs()
+    keep = nm_mask(scores, 2, 4)
+    groups = keep.view(8, 4, 4)
+    assert (groups.sum(-1) == 2).all()
+    kept_min = torch.where(groups, scores.view(8, 4, 4), torch.inf).min(-1).values
+    dropped_max = torch.where(groups, -torch.inf, scores.view(8, 4, 4)).max(-1).values
+    assert (kept_min >= dropped_max).all()
+
+
+def test_nm_mask_ties_and_errors():
+    assert nm_mask(torch.zeros(1, 4), 2, 4).tolist() == [[True, True, False, False]]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nm_mask(torch.zeros(2, 6), 2, 4)
+    with pytest.raises(ValueError, match="0 < n < m"):
+        nm_mask(torch.zeros(2, 4), 4, 4)
