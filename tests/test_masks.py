@@ -25,7 +25,9 @@ def test_topk_ties_at_threshold_only_take_what_is_needed():
     assert prune.tolist() == [False, True, False, True, False, False]
 
 
-@pytest.mark.parametrize("numel, sparsity, expected", [(100, 0.29, 29), (10, 0.7, 7), (768 * 768, 0.9, 530841), (7, 0.5, 3)])
+@pytest.mark.parametrize(
+    "numel, sparsity, expected", [(100, 0.29, 29), (10, 0.7, 7), (768 * 768, 0.9, 530841), (7, 0.5, 3)]
+)
 def test_pruned_count_is_floor_without_float_loss(numel, sparsity, expected):
     assert pruned_count(numel, sparsity) == expected
 
