@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch import LightningDataModule
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from torchmetrics.classification import Accuracy
 from transformers import PreTrainedTokenizerFast
 
 from sparseft.backbone import build_config, load_backbone
@@ -106,3 +111,40 @@ def make_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class SyntheticClassificationData(LightningDataModule):
+    """A learnable toy task on random token ids: is token 5 more frequent than token 6?
+
+    No tokenizer and no files: fast, deterministic (fixed order, seeded data) batches for
+    strategy tests that need real gradient signal. Exposes the same task interface as the
+    text datamodules (``num_labels``, ``task_type``, ``val_names``, ``build_metrics``).
+    """
+
+    num_labels = 2
+    task_type = "sequence-classification"
+    val_names = ["validation"]
+
+    def __init__(self, size: int = 64, seq_len: int = 12, vocab_size: int = 400, batch_size: int = 8, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(7, vocab_size, (size, seq_len), generator=generator)
+        ids[:, 1:5] = torch.randint(5, 7, (size, 4), generator=generator)
+        labels = ((ids == 5).sum(1) > (ids == 6).sum(1)).long()
+        self.examples = [
+            {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": label}
+            for row, label in zip(ids, labels)
+        ]
+        self.batch_size = batch_size
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({"accuracy": Accuracy(task="multiclass", num_classes=2)})
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.examples, batch_size=self.batch_size, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()

@@ -1,0 +1,126 @@
+"""The ``sparseft`` command.
+
+* ``sparseft fit|validate|test|predict``: LightningCLI with the strategy under ``sparsity:``;
+  ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
+  ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
+* ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory.
+* ``sparseft strategies``: every registered strategy with its one-line description.
+* ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sparseft.backbone import load_tokenizer
+from sparseft.datamodules.base import TextDataModule
+from sparseft.module import SparseFTModule
+from sparseft.sparse.export import export_pretrained
+from sparseft.sparse.targets import describe_targets
+from sparseft.strategies import SparsityStrategy, available_strategies, get_strategy
+
+EXTRA_COMMANDS = ("export", "strategies", "targets")
+
+
+def _tokenizer_name(backbone: str | None, tokenizer: str | None) -> str | None:
+    return tokenizer or backbone
+
+
+class SparseFTCLI(LightningCLI):
+    """LightningCLI for a ``SparseFTModule``, any ``TextDataModule`` and one sparsity strategy."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(SparsityStrategy, "sparsity", subclass_mode=True, required=False)
+        parser.link_arguments(
+            ("model.backbone", "model.tokenizer"), "data.init_args.tokenizer", compute_fn=_tokenizer_name
+        )
+        parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.task_type", "model.task", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback."""
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(config, [c for c in callbacks if isinstance(c, Callback)])
+
+
+def expand_strategy_names(argv: list[str]) -> list[str]:
+    """Let ``--sparsity magnitude`` (a registry name) stand for the strategy's class path."""
+    expanded = list(argv)
+    for index, arg in enumerate(expanded):
+        if arg.startswith("--sparsity=") and "." not in arg.partition("=")[2]:
+            cls = get_strategy(arg.partition("=")[2])
+            expanded[index] = f"--sparsity={cls.__module__}.{cls.__qualname__}"
+        elif arg in ("--sparsity", "--sparsity.class_path") and index + 1 < len(expanded):
+            value = expanded[index + 1]
+            if value and "." not in value and not value.startswith(("{", "-")) and value.lower() != "null":
+                cls = get_strategy(value)
+                expanded[index + 1] = f"{cls.__module__}.{cls.__qualname__}"
+    return expanded
+
+
+def list_strategies() -> str:
+    """One line per registered strategy: name, class, first line of its docstring."""
+    rows = []
+    for name, cls in available_strategies().items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        rows.append(f"{name:<12} {cls.__module__}.{cls.__qualname__}\n{'':<12} {summary}")
+    return "\n".join(rows)
+
+
+def export_command(argv: list[str]) -> dict[str, Any]:
+    """``sparseft export``: merge a checkpoint into a plain HF model directory with report.json."""
+    parser = ArgumentParser(prog="sparseft export", description=export_command.__doc__)
+    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by sparseft fit")
+    parser.add_argument("--output_dir", type=str, required=True, help="directory to write the model to")
+    parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
+    args = parser.parse_args(argv)
+    module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
+    tokenizer_name = args.tokenizer or module.hparams.tokenizer
+    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
+    extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
+    report = export_pretrained(module.model, args.output_dir, tokenizer, extra)
+    print(
+        f"exported to {args.output_dir}: target sparsity {report['target_sparsity']:.4f} over "
+        f"{report['target_weights']:,} weights; linear FLOPs/token {report['linear_flops_per_token']}"
+    )
+    return report
+
+
+def targets_command(argv: list[str]) -> str:
+    """``sparseft targets``: parse a fit config and list the layers its strategy would sparsify."""
+    cli = SparseFTCLI(run=False, args=expand_strategy_names(argv))
+    strategy = cli.config_init.get("sparsity")
+    if strategy is None:
+        raise SystemExit("no sparsity strategy in this configuration: nothing would be sparsified")
+    table = describe_targets([sparse.layer for sparse in strategy.attach(cli.model.model)])
+    print(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sparseft`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command == "strategies":
+        print(list_strategies())
+    elif command == "export":
+        export_command(argv[1:])
+    elif command == "targets":
+        targets_command(argv[1:])
+    else:
+        SparseFTCLI(args=expand_strategy_names(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""``SparseFTModule``: a Hugging Face backbone for one task, with metrics and optimizer groups.
+
+The module knows nothing of sparsity methods: strategies (callbacks) attach to
+``self.model`` in their ``setup`` and contribute optimizer groups through
+``param_groups()``; the module gathers them in ``configure_optimizers``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MetricCollection
+
+from sparseft.backbone import Task, load_backbone
+from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
+
+HF_CONFIG_KEY = "sparseft_hf_config"
+
+
+class SparseFTModule(LightningModule):
+    """Fine-tune a Hugging Face model for a task.
+
+    Args:
+        backbone: hub id, local directory, or ``pkg:<package>/<subdir>`` of pre-trained weights.
+        task: ``sequence-classification`` (``num_labels == 1`` is regression, e.g. STS-B),
+            ``question-answering`` or ``causal-lm``. Linked from the datamodule by the CLI.
+        num_labels: classes for sequence classification. Linked from the datamodule by the CLI.
+        config: instead of ``backbone``, a config dict with ``model_type`` for a random model.
+        tokenizer: tokenizer name or path when it differs from ``backbone`` (required with ``config``).
+        learning_rate: peak learning rate of AdamW for the backbone's parameters.
+        weight_decay: AdamW weight decay; never applied to biases and LayerNorm weights.
+        warmup_ratio: fraction of optimizer steps with linear learning-rate warm-up, followed by
+            linear decay to zero.
+        adam_epsilon: AdamW epsilon.
+    """
+
+    def __init__(
+        self,
+        backbone: str | None = None,
+        task: Task = "sequence-classification",
+        num_labels: int = 2,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        adam_epsilon: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_backbone(task, backbone, config, num_labels)
+        self.metric_sets = nn.ModuleDict()
+
+    # ---- metrics -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None or not hasattr(datamodule, "build_metrics") or self.metric_sets:
+            return
+        names = list(getattr(datamodule, "val_names", ["validation"]))
+        for name in names:
+            prefix = "val/" if len(names) == 1 else f"val/{name}/"
+            self.metric_sets[name] = MetricCollection(datamodule.build_metrics()).clone(prefix=prefix)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class ids, or the regression value when there is one output."""
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
+        outputs = self.model(**batch)
+        names = list(self.metric_sets)
+        suffix = f"/{names[dataloader_idx]}" if len(names) > 1 else ""
+        if outputs.loss is not None:
+            self.log(f"{stage}/loss{suffix}", outputs.loss, add_dataloader_idx=False, sync_dist=True)
+        if names and self.hparams.task == "sequence-classification" and "labels" in batch:
+            metrics = self.metric_sets[names[dataloader_idx]]
+            metrics.update(self.predictions(outputs.logits), batch["labels"])
+
+    def _log_metrics(self, stage: str) -> None:
+        for metrics in self.metric_sets.values():
+            if metrics.update_called:
+                values = {key.replace("val/", f"{stage}/", 1): value for key, value in metrics.compute().items()}
+                self.log_dict(values, prog_bar=True)
+            metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        batch = {key: value for key, value in batch.items() if key != "labels"}
+        return self.predictions(self.model(**batch).logits)
+
+    # ---- optimization --------------------------------------------------------------------
+    def strategies(self) -> list[SparsityStrategy]:
+        """The sparsity strategies among the trainer's callbacks."""
+        if not self._trainer:
+            return []
+        return [callback for callback in self.trainer.callbacks if isinstance(callback, SparsityStrategy)]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Strategy groups first; every other trainable tensor goes to a decay or no-decay group."""
+        groups = [group for strategy in self.strategies() for group in strategy.param_groups()]
+        claimed = {id(p) for group in groups for p in group["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
+        decay = [p for p in rest if p.ndim >= 2]
+        no_decay = [p for p in rest if p.ndim < 2]
+        groups += [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return [group for group in groups if group["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.param_groups(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+
+        def linear_warmup_decay(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a fix, a checkpoint whose strategy differs from this run's."""
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("name")
+        current = [strategy.strategy_name for strategy in self.strategies()]
+        if saved and saved not in current:
+            raise ValueError(
+                f"this checkpoint was trained with sparsity strategy {saved!r}, but this run uses "
+                f"{current or 'none'}: run with --sparsity {saved} (and the same targets), or export it"
+            )
+        if not saved and current:
+            raise ValueError(
+                f"this checkpoint has no sparsity strategy, but this run uses {current}: resume it without "
+                "--sparsity, or start a new run from its weights"
+            )
+
+    @classmethod
+    def from_sparseft_checkpoint(cls, path: str | Path) -> tuple[SparseFTModule, SparsityStrategy | None]:
+        """Rebuild module and strategy from a checkpoint, with no access to the original weights."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        hparams = dict(checkpoint["hyper_parameters"])
+        hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY])
+        hparams["tokenizer"] = hparams.get("tokenizer") or checkpoint["hyper_parameters"].get("backbone")
+        module = cls(**hparams)
+        strategy = build_strategy(checkpoint[CHECKPOINT_KEY]) if CHECKPOINT_KEY in checkpoint else None
+        if strategy is not None:
+            strategy.attach(module.model)
+        module.load_state_dict(checkpoint["state_dict"])
+        if strategy is not None:
+            strategy.load_state_dict(_callback_state(checkpoint, strategy))
+        return module.eval(), strategy
+
+
+def _callback_state(checkpoint: dict[str, Any], strategy: SparsityStrategy) -> dict[str, Any]:
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("strategy") == strategy.strategy_name:
+            return state
+    raise ValueError(f"checkpoint has no saved state for strategy {strategy.strategy_name!r}")
