@@ -1,0 +1,23 @@
+"""sparseft: sparse fine-tuning of pre-trained language models with PyTorch Lightning.
+
+The public API: the module, the strategy base and registry, the built-in strategies, the
+datamodules, and the plain-PyTorch entry points of :mod:`sparseft.sparse`.
+"""
+
+from sparseft.datamodules import GLUEDataModule, TextDataModule
+from sparseft.module import SparseFTModule
+from sparseft.sparse import export_pretrained, prune_, sparsify
+from sparseft.strategies import (
+    Magnitude,
+    SparsityStrategy,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GLUEDataModule", "Magnitude", "SparseFTModule", "SparsityStrategy", "TextDataModule", "available_strategies",
+    "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
+]

@@ -7,6 +7,8 @@ The module knows nothing of sparsity methods: strategies (callbacks) attach to
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
+from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -52,8 +55,11 @@ class SparseFTModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = load_backbone(task, backbone, config, num_labels)
+        # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
+        self.model = load_backbone(task, backbone, config, num_labels).train()
         self.metric_sets = nn.ModuleDict()
+        self._metric_inputs: Callable[[Any, dict[str, torch.Tensor]], tuple[Any, ...] | None] | None = None
+        self._scored: set[str] = set()
 
     # ---- metrics -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -61,13 +67,10 @@ class SparseFTModule(LightningModule):
         if datamodule is None or not hasattr(datamodule, "build_metrics") or self.metric_sets:
             return
         names = list(getattr(datamodule, "val_names", ["validation"]))
+        self._metric_inputs = getattr(datamodule, "metric_inputs", classification_metric_inputs)
         for name in names:
             prefix = "val/" if len(names) == 1 else f"val/{name}/"
             self.metric_sets[name] = MetricCollection(datamodule.build_metrics()).clone(prefix=prefix)
-
-    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class ids, or the regression value when there is one output."""
-        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
 
     # ---- steps ---------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -84,16 +87,18 @@ class SparseFTModule(LightningModule):
         suffix = f"/{names[dataloader_idx]}" if len(names) > 1 else ""
         if outputs.loss is not None:
             self.log(f"{stage}/loss{suffix}", outputs.loss, add_dataloader_idx=False, sync_dist=True)
-        if names and self.hparams.task == "sequence-classification" and "labels" in batch:
-            metrics = self.metric_sets[names[dataloader_idx]]
-            metrics.update(self.predictions(outputs.logits), batch["labels"])
+        inputs = self._metric_inputs(outputs, batch) if self._metric_inputs else None
+        if names and inputs is not None:
+            self.metric_sets[names[dataloader_idx]].update(*inputs)
+            self._scored.add(names[dataloader_idx])
 
     def _log_metrics(self, stage: str) -> None:
-        for metrics in self.metric_sets.values():
-            if metrics.update_called:
+        for name, metrics in self.metric_sets.items():
+            if name in self._scored:
                 values = {key.replace("val/", f"{stage}/", 1): value for key, value in metrics.compute().items()}
                 self.log_dict(values, prog_bar=True)
             metrics.reset()
+        self._scored.clear()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")
@@ -109,7 +114,7 @@ class SparseFTModule(LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         batch = {key: value for key, value in batch.items() if key != "labels"}
-        return self.predictions(self.model(**batch).logits)
+        return logits_to_predictions(self.model(**batch).logits)
 
     # ---- optimization --------------------------------------------------------------------
     def strategies(self) -> list[SparsityStrategy]:
@@ -169,7 +174,8 @@ class SparseFTModule(LightningModule):
     def from_sparseft_checkpoint(cls, path: str | Path) -> tuple[SparseFTModule, SparsityStrategy | None]:
         """Rebuild module and strategy from a checkpoint, with no access to the original weights."""
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        hparams = dict(checkpoint["hyper_parameters"])
+        accepted = inspect.signature(cls.__init__).parameters
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
         hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY])
         hparams["tokenizer"] = hparams.get("tokenizer") or checkpoint["hyper_parameters"].get("backbone")
         module = cls(**hparams)

@@ -7,11 +7,12 @@ directory that every sparseft entry point accepts as ``backbone``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
@@ -19,6 +20,7 @@ from torchmetrics.classification import Accuracy
 from transformers import PreTrainedTokenizerFast
 
 from sparseft.backbone import build_config, load_backbone
+from sparseft.sparse.parametrize import sparse_layers
 
 _CORPUS = """
 the movie was a delight from start to finish and the actors were great
@@ -148,3 +150,22 @@ class SyntheticClassificationData(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+class MaskDigest(Callback):
+    """Write a SHA-256 of every sparsity mask to ``<directory>/masks-rank<r>.txt`` when training ends.
+
+    Used to check that all DDP ranks hold identical masks.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        digest = hashlib.sha256()
+        for sparse in sparse_layers(pl_module.model):
+            digest.update(sparse.name.encode())
+            digest.update(sparse.mask.cpu().numpy().tobytes())
+        path = Path(self.directory) / f"masks-rank{trainer.global_rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(digest.hexdigest())

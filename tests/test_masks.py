@@ -63,3 +63,15 @@ def test_nm_mask_ties_and_errors():
         nm_mask(torch.zeros(2, 6), 2, 4)
     with pytest.raises(ValueError, match="0 < n < m"):
         nm_mask(torch.zeros(2, 4), 4, 4)
+
+
+def test_topk_row_blocks_prune_each_fused_matrix_separately():
+    # q rows have small scores, v rows large: one top-k over the fused matrix would empty q
+    scores = torch.cat([torch.full((2, 4), 0.1), torch.full((2, 4), 1.0), torch.full((2, 4), 9.0)])
+    scores += torch.arange(24.0).view(6, 4) * 1e-3
+    keep = topk_mask(scores, 0.5, row_blocks=3)
+    for block in keep.chunk(3):
+        assert int(block.sum()) == 4
+    assert int(topk_mask(scores, 0.5)[:2].sum()) == 0
+    with pytest.raises(ValueError, match="equal blocks"):
+        topk_mask(torch.ones(4, 2), 0.5, row_blocks=3)

@@ -45,9 +45,17 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return prune.view_as(scores)
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask of one layer that prunes exactly ``pruned_count`` lowest scores."""
-    return ~lowest_k(scores, pruned_count(scores.numel(), sparsity))
+def topk_mask(scores: torch.Tensor, sparsity: float, row_blocks: int = 1) -> torch.Tensor:
+    """Keep-mask of one layer that prunes exactly ``pruned_count`` lowest scores.
+
+    ``row_blocks > 1`` splits the rows into that many equal matrices ranked separately: a
+    fused projection such as GPT-2's ``c_attn`` (``[q; k; v]``) is pruned as three matrices.
+    """
+    if row_blocks == 1:
+        return ~lowest_k(scores, pruned_count(scores.numel(), sparsity))
+    if scores.shape[0] % row_blocks:
+        raise ValueError(f"cannot split {scores.shape[0]} rows into {row_blocks} equal blocks")
+    return torch.cat([topk_mask(block, sparsity) for block in scores.chunk(row_blocks, dim=0)])
 
 
 def global_topk_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:

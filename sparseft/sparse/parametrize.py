@@ -80,6 +80,11 @@ class SparseLayer:
         return self.layer.name
 
     @property
+    def row_blocks(self) -> int:
+        """Matrices fused in this layer (3 for a ``qkv`` projection): masks rank each separately."""
+        return 3 if self.layer.role == "qkv" else 1
+
+    @property
     def stored_weight(self) -> torch.Tensor:
         """The stored (trainable or frozen) ``W0`` in its original layout."""
         return self.layer.module.parametrizations.weight.original
@@ -108,7 +113,7 @@ def attach(
     if parametrize.is_parametrized(module, "weight"):
         raise ValueError(f"layer {layer.name!r} is already sparsified: two strategies cannot share a layer")
     weight = module.weight
-    param = SparseWeight(layer.shape, layer.transposed, delta, score).to(weight.device)
+    param = SparseWeight(layer.shape, layer.transposed, delta, score).to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, "weight", param)
     if freeze_base:
         module.parametrizations.weight.original.requires_grad_(False)

@@ -74,6 +74,8 @@ def prune_(
 ) -> None:
     """Set every layer's mask to keep its highest scores at the given sparsity.
 
+    Per-layer top-k ranks the q, k and v parts of a fused ``qkv`` projection separately.
+
     With an N:M pattern ``sparsity`` only switches masks on (> 0) or off (0).
     """
     check_sparsity(sparsity)
@@ -84,6 +86,6 @@ def prune_(
         masks = [nm_mask(s, parsed.n, parsed.m) if sparsity > 0 else torch.ones_like(s, dtype=torch.bool)
                  for s in scores]
     else:
-        masks = [topk_mask(s, sparsity) for s in scores]
+        masks = [topk_mask(s, sparsity, layer.row_blocks) for s, layer in zip(scores, layers, strict=True)]
     for layer, keep in zip(layers, masks, strict=True):
         layer.set_mask_(keep)

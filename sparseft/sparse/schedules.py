@@ -95,15 +95,16 @@ class SparsitySchedule:
         kind: ``cubic`` (Zhu & Gupta), ``linear``, ``constant`` (final sparsity from step 0)
             or ``one_shot`` (dense, then final at ``initial_warmup``).
         initial_sparsity: sparsity at the start of the ramp (cubic and linear).
-        initial_warmup: fraction of training kept dense before pruning starts.
-        final_warmup: fraction of training at the end that keeps the final sparsity.
+        initial_warmup: fraction of training kept dense before pruning starts (default 0.1).
+        final_warmup: fraction of training at the end that keeps the final sparsity, so the
+            network recovers from the last pruning step (default 0.3).
         update_every: masks change only every this many optimizer steps (Zhu & Gupta's dt).
     """
 
     kind: ScheduleKind = "cubic"
     initial_sparsity: float = 0.0
-    initial_warmup: float = 0.0
-    final_warmup: float = 0.0
+    initial_warmup: float = 0.1
+    final_warmup: float = 0.3
     update_every: int = 1
 
     def __post_init__(self) -> None:
@@ -132,11 +133,3 @@ class SparsitySchedule:
             step, total_steps, final_sparsity, self.initial_sparsity,
             self.initial_warmup, self.final_warmup, self.update_every,
         )
-
-    def end_step(self, total_steps: int) -> int:
-        """First optimizer step at which the final sparsity is reached."""
-        if self.kind == "constant":
-            return 0
-        if self.kind == "one_shot":
-            return math.ceil(self.initial_warmup * total_steps)
-        return math.ceil((1.0 - self.final_warmup) * total_steps)

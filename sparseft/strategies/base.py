@@ -83,7 +83,7 @@ class SparsityStrategy(Callback):
         super().__init__()
         self.final_sparsity = check_sparsity(sparsity)
         self.targets = targets
-        self.schedule = schedule or SparsitySchedule(initial_warmup=0.1, final_warmup=0.3)
+        self.schedule = schedule or SparsitySchedule()
         self.pattern = pattern
         self._check_pattern(MaskPattern.parse(pattern))
         self.log_layers = log_layers
@@ -164,6 +164,9 @@ class SparsityStrategy(Callback):
             logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
 
     def target_sparsity(self, step: int) -> float:
+        """The scheduled sparsity; the last step always has the final one, so it is checkpointed."""
+        if step >= self.total_steps - 1:
+            return self.final_sparsity
         return self.schedule(step, self.total_steps, self.final_sparsity)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -1,0 +1,172 @@
+"""``TextDataModule``: what every sparseft datamodule shares.
+
+Tokenizer handling (a name or path, linked from the model by the CLI and loaded lazily),
+hub-or-local loading per split, tokenization with ``datasets.map``, subsampling for quick
+runs, dynamic padding and the dataloaders. A task module implements:
+
+* :meth:`load_split` — the raw ``datasets.Dataset`` of a split (hub or local files);
+* :meth:`encode` — tokenized features (a batched ``map`` function);
+* :meth:`build_metrics` — the task's official metrics;
+* ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, ClassVar
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from sparseft.backbone import load_tokenizer
+
+
+def logits_to_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Class ids, or the regression value when there is a single output."""
+    return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
+def classification_metric_inputs(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, ...] | None:
+    """``(predictions, labels)`` from a classification / regression output, or None without labels."""
+    if "labels" not in batch:
+        return None
+    return logits_to_predictions(outputs.logits), batch["labels"]
+
+
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
+
+
+class TextDataModule(LightningDataModule):
+    """Base of the sparseft datamodules.
+
+    Args:
+        tokenizer: tokenizer name, directory or ``pkg:`` path. The CLI links it from
+            ``model.backbone``, so it is rarely written by hand.
+        data_dir: folder with the task's original files; None loads from the Hugging Face hub.
+        max_length: longest tokenized input; longer inputs are truncated.
+        batch_size: training batch size (per device).
+        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        num_workers: dataloader worker processes.
+        max_train_samples: use a random subset of this many training examples (quick runs).
+        max_eval_samples: use the first this many evaluation examples (quick runs).
+        seed: seed of the training subset choice.
+    """
+
+    task_type: ClassVar[str] = "sequence-classification"
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        data_dir: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_name = tokenizer
+        self.data_dir = data_dir
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        self.seed = seed
+        self.datasets: dict[str, datasets.Dataset] = {}
+
+    # ---- what a task implements ------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return 0
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation sets, one dataloader each."""
+        return ["validation"]
+
+    def split_names(self, split: str) -> list[str]:
+        """Dataset names behind a logical split (``validation`` may be several sets)."""
+        return self.val_names if split in ("validation", "test") else [split]
+
+    def load_split(self, name: str) -> datasets.Dataset:
+        raise NotImplementedError
+
+    def encode(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def build_metrics(self) -> MetricCollection:
+        raise NotImplementedError
+
+    def metric_inputs(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, ...] | None:
+        """Arguments of ``metrics.update`` for one evaluation batch (None: nothing to score).
+
+        ``outputs`` is the Hugging Face model output. The default scores class ids (or the
+        regression value) against ``labels``.
+        """
+        return classification_metric_inputs(outputs, batch)
+
+    # ---- shared machinery ------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if not self.tokenizer_name:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer: set data.tokenizer, or model.backbone / "
+                "model.tokenizer, which the CLI links to it"
+            )
+        return load_tokenizer(self.tokenizer_name)
+
+    def _subsample(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        if split == "train" and self.max_train_samples and self.max_train_samples < len(dataset):
+            return dataset.shuffle(seed=self.seed).select(range(self.max_train_samples))
+        if split != "train" and self.max_eval_samples and self.max_eval_samples < len(dataset):
+            return dataset.select(range(self.max_eval_samples))
+        return dataset
+
+    def _prepare(self, name: str, split: str) -> datasets.Dataset:
+        raw = self._subsample(self.load_split(name), split)
+        encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
+        return encoded.with_format("torch")
+
+    def setup(self, stage: str) -> None:
+        for split in STAGE_SPLITS.get(stage, ()):
+            for name in self.split_names(split):
+                if name not in self.datasets:
+                    self.datasets[name] = self._prepare(name, split)
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = DataCollatorWithPadding(self.tokenizer)(features)
+        if "labels" in batch and batch["labels"].is_floating_point():
+            batch["labels"] = batch["labels"].float()  # regression targets match float32 logits
+        return dict(batch)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError(f"dataset {name!r} was not set up; call setup() for its stage first")
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate,
+        )
+
+    def _loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(name, shuffle=False) for name in self.split_names(split)]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders("validation")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

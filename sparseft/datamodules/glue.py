@@ -1,0 +1,116 @@
+"""GLUE: all nine tasks, from the hub or from the original TSVs, with their official metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import Accuracy, BinaryF1Score, BinaryMatthewsCorrCoef
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.glue_tasks import GlueTask, get_task, read_tsv
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+def build_metric(name: str, num_labels: int) -> Metric:
+    """One of GLUE's official metrics, by the name the GLUE benchmark gives it."""
+    if name == "accuracy":
+        return Accuracy(task="multiclass", num_classes=num_labels)
+    if name == "f1":
+        return BinaryF1Score()
+    if name == "matthews_correlation":
+        return BinaryMatthewsCorrCoef()
+    if name == "pearson":
+        return PearsonCorrCoef()
+    if name == "spearmanr":
+        return SpearmanCorrCoef()
+    raise ValueError(f"unknown GLUE metric {name!r}")
+
+
+class GLUEDataModule(TextDataModule):
+    """A GLUE task: CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE or WNLI.
+
+    With ``data_dir`` unset the data comes from the Hugging Face hub (``nyu-mll/glue``).
+    With ``data_dir`` set it is the task's folder of original GLUE TSVs (``train.tsv``,
+    ``dev.tsv`` or MNLI's ``dev_matched.tsv`` / ``dev_mismatched.tsv``, ``test.tsv``); each
+    file is read only when its stage needs it, so ``validate`` works with ``dev.tsv`` alone.
+
+    ``test`` evaluates on the dev sets, since GLUE's test labels are hidden; ``predict``
+    runs on the unlabelled test files (for a leaderboard submission). MNLI validates on
+    matched and mismatched dev sets, as two dataloaders.
+
+    Metrics: CoLA Matthews correlation; STS-B Pearson and Spearman (regression,
+    ``num_labels`` 1); MRPC and QQP F1 and accuracy; the others accuracy.
+
+    Args:
+        task: task name, case-insensitive; folder spellings such as ``SST-2`` work too.
+        tokenizer: tokenizer name or path (linked from the model by the CLI).
+        data_dir: folder with the task's original TSVs; None for the hub.
+        max_length: longest tokenized input (sentence pairs are truncated jointly).
+        batch_size: training batch size (per device).
+        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        num_workers: dataloader worker processes.
+        max_train_samples: use a random subset of this many training examples.
+        max_eval_samples: use the first this many examples of each evaluation set.
+        seed: seed of the training subset choice.
+    """
+
+    def __init__(
+        self,
+        task: str = "sst2",
+        tokenizer: str | None = None,
+        data_dir: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__(
+            tokenizer, data_dir, max_length, batch_size, eval_batch_size, num_workers,
+            max_train_samples, max_eval_samples, seed,
+        )
+        self.task: GlueTask = get_task(task)
+
+    @property
+    def num_labels(self) -> int:
+        return self.task.num_labels
+
+    @property
+    def val_names(self) -> list[str]:
+        return list(self.task.validation)
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({name: build_metric(name, self.num_labels) for name in self.task.metrics})
+
+    def load_split(self, name: str) -> datasets.Dataset:
+        """``train``, a validation set name, or ``predict`` (the unlabelled test set)."""
+        if self.data_dir is None:
+            hub_split = name
+            if name == "predict":
+                hub_split = "test_matched" if self.task.name == "mnli" else "test"
+            return datasets.load_dataset(HUB_DATASET, self.task.name, split=hub_split)
+        return datasets.Dataset.from_dict(self._read_local(name))
+
+    def _read_local(self, name: str) -> dict[str, list]:
+        folder = Path(self.data_dir)
+        if name == "train":
+            return read_tsv(folder / "train.tsv", self.task)
+        if name == "predict":
+            return read_tsv(folder / self.task.test_files[0], self.task, labelled=False)
+        if name in self.task.validation:
+            return read_tsv(folder / self.task.dev_files[self.task.validation.index(name)], self.task)
+        raise ValueError(f"GLUE {self.task.name} has no split {name!r}")
+
+    def encode(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = [examples[column] for column in self.task.text_columns]
+        features = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        if "label" in examples and all(label is not None and label != -1 for label in examples["label"]):
+            features["labels"] = examples["label"]
+        return dict(features)

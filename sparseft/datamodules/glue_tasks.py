@@ -1,0 +1,143 @@
+"""The nine GLUE tasks: columns, labels, files and official metrics, plus the TSV reader.
+
+The original GLUE TSVs are read with quoting off (``csv.QUOTE_NONE``): with default quoting,
+MRPC, QNLI, RTE and STS-B silently lose rows. CoLA's train/dev files have no header; MRPC's
+headers start with a UTF-8 byte-order mark. A malformed row is an error naming file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task.
+
+    Attributes:
+        name: hub config name (``sst2``).
+        text_columns: input columns as the hub names them (one sentence or a pair).
+        labels: class names in the hub's ClassLabel order; None for regression (STS-B).
+        metrics: official metrics, names of :data:`sparseft.datamodules.glue.METRICS`.
+        file_columns: hub column -> TSV header name (or position, for header-less files).
+        validation: hub split names of the dev sets; their files are ``dev_files``.
+        dev_files / test_files: TSV file names of the dev and the unlabelled test sets.
+        test_columns: column map of the test files when it differs (CoLA's test has a header).
+    """
+
+    name: str
+    text_columns: tuple[str, ...]
+    labels: tuple[str, ...] | None
+    metrics: tuple[str, ...]
+    file_columns: dict[str, str | int]
+    validation: tuple[str, ...] = ("validation",)
+    dev_files: tuple[str, ...] = ("dev.tsv",)
+    test_files: tuple[str, ...] = ("test.tsv",)
+    test_columns: dict[str, str | int] | None = None
+
+    def columns(self, labelled: bool) -> dict[str, str | int]:
+        """Column map of the labelled files, or of the unlabelled test files."""
+        return self.file_columns if labelled or self.test_columns is None else self.test_columns
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+_PAIR = {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}
+
+TASKS: dict[str, GlueTask] = {
+    task.name: task
+    for task in (
+        GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",),
+                 {"sentence": 3, "label": 1}, test_columns={"sentence": "sentence"}),
+        GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",),
+                 {"sentence": "sentence", "label": "label"}),
+        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
+                 {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+        GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"),
+                 {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+        GlueTask("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), {**_PAIR, "label": "score"}),
+        GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                 {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
+                 validation=("validation_matched", "validation_mismatched"),
+                 dev_files=("dev_matched.tsv", "dev_mismatched.tsv"),
+                 test_files=("test_matched.tsv", "test_mismatched.tsv")),
+        GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
+                 {"question": "question", "sentence": "sentence", "label": "label"}),
+        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), _PAIR),
+        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), _PAIR),
+    )
+}
+# the spellings of the original GLUE folders
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-mm": "mnli"}
+
+
+def get_task(name: str) -> GlueTask:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
+    try:
+        if task.labels is None:
+            return float(value)
+        if value in task.labels:
+            return task.labels.index(value)
+        index = int(value)
+    except ValueError:
+        raise ValueError(f"{where}: cannot read label {value!r} for task {task.name}") from None
+    if not 0 <= index < len(task.labels):
+        raise ValueError(f"{where}: label {index} out of range for {task.name} ({len(task.labels)} classes)")
+    return index
+
+
+def read_tsv(path: Path, task: GlueTask, labelled: bool = True) -> dict[str, list]:
+    """Read an original GLUE TSV into hub-named columns (``label`` when ``labelled``).
+
+    Raises:
+        FileNotFoundError: the file is missing (the message names it).
+        ValueError: a row has the wrong number of fields or an unreadable label
+            (the message names the file and the 1-based line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"GLUE {task.name}: no file {path}")
+    wanted = list(task.text_columns) + (["label"] if labelled else [])
+    columns: dict[str, list] = {name: [] for name in wanted}
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        file_columns = task.columns(labelled)
+        positional = all(isinstance(file_columns[name], int) for name in wanted)
+        header = None if positional else next(reader, None)
+        index = _column_index(file_columns, wanted, header, path)
+        width = len(header) if header else None
+        for line, row in enumerate(reader, start=1 if positional else 2):
+            where = f"{path}:{line}"
+            if (width and len(row) != width) or len(row) <= max(index.values()):
+                raise ValueError(f"{where}: expected {width or max(index.values()) + 1} tab-separated fields, "
+                                 f"found {len(row)}")
+            for name in wanted:
+                value = row[index[name]]
+                columns[name].append(_parse_label(task, value, where) if name == "label" else value)
+    return columns
+
+
+def _column_index(
+    file_columns: dict[str, str | int], wanted: list[str], header: list[str] | None, path: Path
+) -> dict[str, int]:
+    if header is None:
+        return {name: int(file_columns[name]) for name in wanted}
+    index = {}
+    for name in wanted:
+        column = file_columns[name]
+        if column not in header:
+            raise ValueError(f"{path}:1: header has no column {column!r} (found {header})")
+        index[name] = header.index(column)
+    return index

@@ -1,0 +1,41 @@
+"""Weight-shaped updates ΔW for ``W_eff = M ⊙ (W0 + ΔW)``: modules whose ``forward()`` returns ``[out, in]``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRank(nn.Module):
+    """ΔW = scale · L · R with ``L: [out, rank]`` and ``R: [rank, in]`` (LoRA, PST's U·V).
+
+    One factor starts at zero so that ΔW = 0 and training starts from the pre-trained model.
+    PST: ``L = U ~ N(0, 1)``, ``R = V = 0``, scale β. LoRA / DSEE: ``L = B = 0``,
+    ``R = A ~ N(0, 0.02²)``, scale α / r.
+
+    Args:
+        shape: ``(out_features, in_features)``.
+        rank: inner dimension r.
+        scale: multiplies the product.
+        left_std: standard deviation of the normal init of ``L``; None for zeros.
+        right_std: standard deviation of the normal init of ``R``; None for zeros.
+    """
+
+    def __init__(
+        self, shape: tuple[int, int], rank: int, scale: float = 1.0,
+        left_std: float | None = None, right_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        out_features, in_features = shape
+        self.scale = scale
+        self.left = nn.Parameter(_init((out_features, rank), left_std))
+        self.right = nn.Parameter(_init((rank, in_features), right_std))
+
+    def forward(self) -> torch.Tensor:
+        return self.scale * (self.left @ self.right)
+
+
+def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
+    return torch.zeros(shape) if std is None else torch.randn(shape) * std

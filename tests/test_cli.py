@@ -1,0 +1,158 @@
+"""The ``sparseft`` command end to end on a tiny model: fit, resume checks, export, dry run, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from sparseft.backbone import load_tokenizer
+from sparseft.cli import main
+from sparseft.module import SparseFTModule
+from sparseft.sparse.masks import pruned_count
+
+SENTENCES = [
+    ("the movie was a delight from start to finish", 1),
+    ("a dull , lifeless film with no story", 0),
+    ("what a wonderful , moving and funny picture", 1),
+    ("the plot makes no sense and the ending is terrible", 0),
+    ("one of the best films of the year", 1),
+    ("bad acting and a terrible story", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SST-2-format folder (train.tsv, dev.tsv) in the original GLUE layout."""
+    path = tmp_path_factory.mktemp("sst2")
+    rows = "".join(f"{text}\t{label}\n" for text, label in SENTENCES * 8)
+    for split in ("train", "dev"):
+        (path / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    return path
+
+
+def fit_args(model_dir: Path, data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"--model.backbone={model_dir}",
+        "--model.learning_rate=1e-3",
+        "--data=sparseft.datamodules.GLUEDataModule",
+        "--data.task=sst2",
+        f"--data.data_dir={data_dir}",
+        "--data.batch_size=8",
+        "--data.max_length=32",
+        "--sparsity=magnitude",
+        "--sparsity.sparsity=0.5",
+        "--sparsity.schedule.update_every=2",
+        "--trainer.max_steps=12",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={root}",
+        "--seed_everything=0",
+        *extra,
+    ]
+
+
+def last_checkpoint(root: Path) -> Path:
+    checkpoints = sorted(root.rglob("*.ckpt"), key=os.path.getmtime)
+    assert checkpoints, f"no checkpoint under {root}"
+    return checkpoints[-1]
+
+
+def test_strategies_command_lists_the_registry(capsys):
+    main(["strategies"])
+    out = capsys.readouterr().out
+    assert "magnitude" in out and "Gradual magnitude pruning" in out
+
+
+def test_fit_export_roundtrip(tiny_bert_dir, sst2_dir, tmp_path, capsys):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert_dir, sst2_dir, root))
+    ckpt = last_checkpoint(root)
+    module, strategy = SparseFTModule.from_sparseft_checkpoint(ckpt)
+    assert strategy.strategy_name == "magnitude" and strategy.applied_sparsity == 0.5
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    batch = tokenizer([text for text, _ in SENTENCES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = module(**batch).logits
+
+    out_dir = tmp_path / "exported"
+    main(["export", f"--ckpt_path={ckpt}", f"--output_dir={out_dir}"])
+    assert "target sparsity 0.5000" in capsys.readouterr().out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["strategy"]["name"] == "magnitude"
+
+    plain = AutoModelForSequenceClassification.from_pretrained(out_dir).eval()
+    targets = {layer["name"] for layer in report["layers"] if layer["role"]}
+    weights = dict(plain.named_parameters())
+    for name in targets:
+        weight = weights[f"{name}.weight"]
+        assert int((weight == 0).sum()) == pruned_count(weight.numel(), 0.5), name
+    assert report["target_sparsity"] == pytest.approx(0.5)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, expected, atol=1e-6)
+    assert load_tokenizer(str(out_dir)) is not None
+
+
+def test_targets_dry_run(tiny_bert_dir, sst2_dir, tmp_path, capsys):
+    main(["targets", *fit_args(tiny_bert_dir, sst2_dir, tmp_path)[1:], "--sparsity.targets=[q, v]"])
+    out = capsys.readouterr().out
+    assert "bert.encoder.layer.1.attention.self.value" in out and "4 target layers" in out
+    assert "key" not in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--sparsity=no_such_method", "unknown sparsity strategy 'no_such_method'; available: magnitude"),
+        ("--sparsity.sparsity=1.0", r"sparsity must be in \[0, 1\)"),
+        ("--sparsity.targets=attention.query", "target pattern 'attention.query' matched no linear layer"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tiny_bert_dir, sst2_dir, tmp_path, override, message, capsys):
+    with pytest.raises((ValueError, SystemExit)) as error:
+        main([*fit_args(tiny_bert_dir, sst2_dir, tmp_path), override])
+    # argument errors are printed by the parser before it exits; the rest are raised
+    text = capsys.readouterr().err if isinstance(error.value, SystemExit) else str(error.value)
+    assert re.search(message, text), text
+
+
+def test_checkpoint_from_another_strategy_is_refused(tiny_bert_dir, sst2_dir, tmp_path):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=2"))
+    args = [a for a in fit_args(tiny_bert_dir, sst2_dir, root) if not a.startswith("--sparsity")]
+    args[0] = "validate"
+    args = [a for a in args if "max_steps" not in a]
+    with pytest.raises(ValueError, match="trained with sparsity strategy 'magnitude', but this run uses none"):
+        main([*args, f"--ckpt_path={last_checkpoint(root)}"])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
+    root = tmp_path / "ddp"
+    args = fit_args(tiny_bert_dir, sst2_dir, root) + [
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.callbacks+=sparseft.testing.MaskDigest",
+        f"--trainer.callbacks.directory={root}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sparseft.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = [(root / f"masks-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert digests[0] == digests[1]
+    checkpoints = list(root.rglob("*.ckpt"))
+    assert len(checkpoints) == 1  # written once, by rank 0
+    _, strategy = SparseFTModule.from_sparseft_checkpoint(checkpoints[0])
+    assert strategy.applied_sparsity == 0.5
