@@ -58,7 +58,7 @@ class SparseFTModule(LightningModule):
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
         self.model = load_backbone(task, backbone, config, num_labels).train()
         self.metric_sets = nn.ModuleDict()
-        self._metric_inputs: Callable[[Any, dict[str, torch.Tensor]], tuple[Any, ...] | None] | None = None
+        self._metric_inputs: Callable[..., tuple[Any, ...] | None] | None = None
         self._scored: set[str] = set()
 
     # ---- metrics -------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class SparseFTModule(LightningModule):
         suffix = f"/{names[dataloader_idx]}" if len(names) > 1 else ""
         if outputs.loss is not None:
             self.log(f"{stage}/loss{suffix}", outputs.loss, add_dataloader_idx=False, sync_dist=True)
-        inputs = self._metric_inputs(outputs, batch) if self._metric_inputs else None
+        inputs = self._metric_inputs(outputs, batch, self) if self._metric_inputs else None
         if names and inputs is not None:
             self.metric_sets[names[dataloader_idx]].update(*inputs)
             self._scored.add(names[dataloader_idx])

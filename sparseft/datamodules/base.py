@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import datasets
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -30,7 +30,9 @@ def logits_to_predictions(logits: torch.Tensor) -> torch.Tensor:
     return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
 
 
-def classification_metric_inputs(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, ...] | None:
+def classification_metric_inputs(
+    outputs: Any, batch: dict[str, torch.Tensor], module: LightningModule | None = None
+) -> tuple[Any, ...] | None:
     """``(predictions, labels)`` from a classification / regression output, or None without labels."""
     if "labels" not in batch:
         return None
@@ -105,13 +107,16 @@ class TextDataModule(LightningDataModule):
     def build_metrics(self) -> MetricCollection:
         raise NotImplementedError
 
-    def metric_inputs(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, ...] | None:
+    def metric_inputs(
+        self, outputs: Any, batch: dict[str, torch.Tensor], module: LightningModule
+    ) -> tuple[Any, ...] | None:
         """Arguments of ``metrics.update`` for one evaluation batch (None: nothing to score).
 
-        ``outputs`` is the Hugging Face model output. The default scores class ids (or the
-        regression value) against ``labels``.
+        ``outputs`` is the Hugging Face model output; ``module`` the LightningModule, for tasks
+        that must generate. The default scores class ids (or the regression value) against
+        ``labels``.
         """
-        return classification_metric_inputs(outputs, batch)
+        return classification_metric_inputs(outputs, batch, module)
 
     # ---- shared machinery ------------------------------------------------------------------
     @cached_property
