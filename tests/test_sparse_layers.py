@@ -123,3 +123,14 @@ def test_attaching_twice_is_refused():
     attach(layer)
     with pytest.raises(ValueError, match="already sparsified"):
         attach(layer)
+
+
+def test_freeze_backbone_keeps_only_listed_parameters_and_the_head():
+    from sparseft.sparse.freezing import freeze_backbone_
+
+    model = tiny("bert")
+    query = model.bert.encoder.layer[0].attention.self.query.weight
+    trainable = freeze_backbone_(model, keep={id(query)}, train_head=True)
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
+    assert trainable == query.numel() + head
+    assert freeze_backbone_(model, keep={id(query)}, train_head=False) == query.numel()

@@ -1,0 +1,27 @@
+"""Freeze everything but what a parameter-efficient method trains (and, optionally, the task head)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# output heads of the Hugging Face task models sparseft uses
+HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score|qa_outputs|lm_head)(\.|$)")
+
+
+def is_head_parameter(name: str) -> bool:
+    """True for parameters of the task head (``classifier``, ``score``, ``qa_outputs``, ``lm_head``)."""
+    return HEAD_PATTERN.search(name) is not None
+
+
+def freeze_backbone_(model: nn.Module, keep: set[int], train_head: bool = True) -> int:
+    """Set ``requires_grad=False`` on every parameter not in ``keep`` (ids) and not in the head.
+
+    Returns the number of trainable parameters left. Tied weights (GPT-2's ``lm_head`` is the
+    token embedding) follow the head rule, so ``train_head`` also trains tied embeddings.
+    """
+    for name, parameter in model.named_parameters():
+        trainable = id(parameter) in keep or (train_head and is_head_parameter(name))
+        parameter.requires_grad_(trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
