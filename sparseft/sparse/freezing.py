@@ -18,8 +18,9 @@ def is_head_parameter(name: str) -> bool:
 def freeze_backbone_(model: nn.Module, keep: set[int], train_head: bool = True) -> int:
     """Set ``requires_grad=False`` on every parameter not in ``keep`` (ids) and not in the head.
 
-    Returns the number of trainable parameters left. Tied weights (GPT-2's ``lm_head`` is the
-    token embedding) follow the head rule, so ``train_head`` also trains tied embeddings.
+    Returns the number of trainable parameters left. ``named_parameters`` lists a tied tensor
+    once, under its first name: GPT-2's ``lm_head`` appears as the token embedding, so a tied
+    head stays frozen unless its id is in ``keep``.
     """
     for name, parameter in model.named_parameters():
         trainable = id(parameter) in keep or (train_head and is_head_parameter(name))
