@@ -137,7 +137,10 @@ class SparsityStrategy(Callback):
         self._measure()
 
     def _measure(self) -> None:
-        self._measured = {s.name: 1.0 - float(s.mask.sum()) / s.mask.numel() for s in self.layers}
+        if not self.layers:
+            return
+        kept = torch.stack([s.mask.sum() for s in self.layers]).tolist()  # one device sync, not one per layer
+        self._measured = {s.name: 1.0 - k / s.mask.numel() for s, k in zip(self.layers, kept)}
 
     def measured_sparsity(self) -> float:
         """Fraction of target weights currently masked (measured from the masks)."""
