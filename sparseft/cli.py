@@ -3,6 +3,7 @@
 * ``sparseft fit|validate|test|predict``: LightningCLI with the strategy under ``sparsity:``;
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
+* ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
 * ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory.
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
@@ -15,10 +16,11 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparseft.backbone import load_tokenizer
+from sparseft.callbacks import PredictionWriter
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse.export import export_pretrained
@@ -48,10 +50,15 @@ class SparseFTCLI(LightningCLI):
         parser.link_arguments("data.task_type", "model.task", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback."""
+        """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
+        and ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks = [c for c in callbacks if isinstance(c, Callback)]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(config, [c for c in callbacks if isinstance(c, Callback)])
+        configured = config.get("callbacks") or []
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in configured):
+            callbacks.append(PredictionWriter())
+        return self._instantiate_trainer(config, callbacks)
 
 
 def expand_strategy_names(argv: list[str]) -> list[str]:

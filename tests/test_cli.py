@@ -35,6 +35,7 @@ def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = "".join(f"{text}\t{label}\n" for text, label in SENTENCES * 8)
     for split in ("train", "dev"):
         (path / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    (path / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{t}\n" for i, (t, _) in enumerate(SENTENCES)))
     return path
 
 
@@ -101,6 +102,17 @@ def test_fit_export_roundtrip(tiny_bert_dir, sst2_dir, tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(plain(**batch).logits, expected, atol=1e-6)
     assert load_tokenizer(str(out_dir)) is not None
+
+
+def test_predict_writes_label_names(tiny_bert_dir, sst2_dir, tmp_path):
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=2"))
+    args = [a for a in fit_args(tiny_bert_dir, sst2_dir, root) if "max_steps" not in a]
+    main(["predict", *args[1:], f"--ckpt_path={last_checkpoint(root)}"])
+    lines = (root / "predictions.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == len(SENTENCES) + 1
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(len(SENTENCES))]
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"negative", "positive"}
 
 
 def test_targets_dry_run(tiny_bert_dir, sst2_dir, tmp_path, capsys):

@@ -86,6 +86,11 @@ class GLUEDataModule(TextDataModule):
     def val_names(self) -> list[str]:
         return list(self.task.validation)
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in label-id order (None for STS-B); used to write predictions."""
+        return list(self.task.labels) if self.task.labels else None
+
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({name: build_metric(name, self.num_labels) for name in self.task.metrics})
 
