@@ -117,6 +117,7 @@ def targets_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sparseft`` console script."""
+    argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     if command == "strategies":
@@ -125,8 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         export_command(argv[1:])
     elif command == "targets":
         targets_command(argv[1:])
-    else:
+    elif argv_given:
         SparseFTCLI(args=expand_strategy_names(argv))
+    else:  # from the shell: LightningCLI reads sys.argv (and DDP relaunches the same command line)
+        sys.argv[1:] = expand_strategy_names(argv)
+        SparseFTCLI()
 
 
 if __name__ == "__main__":

@@ -48,34 +48,12 @@ class GLUEDataModule(TextDataModule):
 
     Args:
         task: task name, case-insensitive; folder spellings such as ``SST-2`` work too.
-        tokenizer: tokenizer name or path (linked from the model by the CLI).
-        data_dir: folder with the task's original TSVs; None for the hub.
-        max_length: longest tokenized input (sentence pairs are truncated jointly).
-        batch_size: training batch size (per device).
-        eval_batch_size: evaluation batch size (default: ``batch_size``).
-        num_workers: dataloader worker processes.
-        max_train_samples: use a random subset of this many training examples.
-        max_eval_samples: use the first this many examples of each evaluation set.
-        seed: seed of the training subset choice.
+        **kwargs: the :class:`TextDataModule` arguments (``data_dir`` is the folder with the
+            task's original TSVs; sentence pairs are truncated jointly to ``max_length``).
     """
 
-    def __init__(
-        self,
-        task: str = "sst2",
-        tokenizer: str | None = None,
-        data_dir: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        seed: int = 42,
-    ) -> None:
-        super().__init__(
-            tokenizer, data_dir, max_length, batch_size, eval_batch_size, num_workers,
-            max_train_samples, max_eval_samples, seed,
-        )
+    def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.task: GlueTask = get_task(task)
 
     @property
