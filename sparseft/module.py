@@ -60,6 +60,7 @@ class SparseFTModule(LightningModule):
         self.metric_sets = nn.ModuleDict()
         self._metric_inputs: Callable[..., tuple[Any, ...] | None] | None = None
         self._scored: set[str] = set()
+        self.warmup_steps = 0  # learning-rate warm-up in optimizer steps, set by configure_optimizers
 
     # ---- metrics -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -79,6 +80,11 @@ class SparseFTModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True)
+        terms = [term for strategy in self.strategies() if (term := strategy.loss_term()) is not None]
+        if terms:
+            penalty = torch.stack(terms).sum()
+            self.log("train/strategy_loss", penalty)
+            loss = loss + penalty
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
@@ -141,7 +147,7 @@ class SparseFTModule(LightningModule):
             self.param_groups(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
+        warmup = self.warmup_steps = int(self.hparams.warmup_ratio * total)
 
         def linear_warmup_decay(step: int) -> float:
             if step < warmup:

@@ -1,14 +1,16 @@
-"""Sparsity schedules: the target sparsity as a pure function of the optimizer step.
+"""Sparsity schedules: a target value as a pure function of the optimizer step.
 
-Steps count optimizer steps from 0 (Lightning's ``trainer.global_step``) and ``total_steps``
-is the length of training in optimizer steps. Warm-ups are fractions of ``total_steps``:
+Steps count optimizer steps from 0 (Lightning's ``trainer.global_step``); ``total_steps`` is
+the length of training in optimizer steps. A schedule has a *window* ``[t0, t1]``:
 
-* ``initial_warmup``: dense (sparsity 0) before ``t0 = initial_warmup * total_steps``;
-* ``final_warmup``: the final sparsity is held for the last ``final_warmup * total_steps``
-  steps, so the network recovers before training ends.
+* before ``t0`` (the initial warm-up) training is dense;
+* between ``t0`` and ``t1`` the value ramps from its initial to its final value;
+* after ``t1`` (the final warm-up, ``total_steps - t1`` steps) the final value holds, so the
+  network recovers from the last pruning step.
 
-Pure functions make the schedule trivially resumable: a resumed run recomputes the same
-value from the restored step.
+Warm-ups are given as fractions of ``total_steps`` (the default), as optimizer steps, or as
+multiples of the learning-rate warm-up (movement pruning's convention). Pure functions make a
+schedule trivially resumable: a resumed run recomputes the same value from the restored step.
 """
 
 from __future__ import annotations
@@ -20,17 +22,14 @@ from typing import Literal
 from sparseft.sparse.masks import check_sparsity
 
 ScheduleKind = Literal["cubic", "linear", "constant", "one_shot"]
+WarmupUnit = Literal["fraction", "steps", "lr_warmup"]
 
 
-def _ramp_progress(
-    step: int, total_steps: int, initial_warmup: float, final_warmup: float, update_every: int
-) -> float | None:
-    """Progress in [0, 1] along the ramp, or None before it starts.
+def ramp_progress(step: int, start: float, end: float, update_every: int = 1) -> float | None:
+    """Progress in [0, 1] from ``start`` to ``end``, or None before ``start``.
 
-    The step is first rounded down to the last mask update (``t0 + k * update_every``).
+    The step is first rounded down to the last update, ``start + k * update_every``.
     """
-    start = initial_warmup * total_steps
-    end = (1.0 - final_warmup) * total_steps
     if step < start:
         return None
     if end <= start:
@@ -39,66 +38,33 @@ def _ramp_progress(
     return min(1.0, (step - start) / (end - start))
 
 
-def cubic_sparsity(
-    step: int,
-    total_steps: int,
-    final_sparsity: float,
-    initial_sparsity: float = 0.0,
-    initial_warmup: float = 0.0,
-    final_warmup: float = 0.0,
-    update_every: int = 1,
-) -> float:
-    """Gradual pruning of Zhu & Gupta (2017), eq. 1.
+def cubic_ramp(progress: float) -> float:
+    """Zhu & Gupta (2017), eq. 1, as a fraction of the way from initial to final value.
 
-    s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3   for t0 <= t <= t0 + n * dt,
-
-    with ``t0 = initial_warmup * T`` and ``t0 + n * dt = (1 - final_warmup) * T``: fast
-    pruning early, when many weights are redundant, and slow pruning near the end.
+    s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3  <=>  s_t = s_i + (s_f - s_i) * (1 - (1 - p)^3):
+    fast early, when many weights are redundant, slow near the end. Movement pruning's
+    threshold schedule is the same curve on the fraction of weights kept.
     """
-    progress = _ramp_progress(step, total_steps, initial_warmup, final_warmup, update_every)
-    if progress is None:
-        return 0.0
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
+    return 1.0 - (1.0 - progress) ** 3
 
 
-def linear_sparsity(
-    step: int,
-    total_steps: int,
-    final_sparsity: float,
-    initial_sparsity: float = 0.0,
-    initial_warmup: float = 0.0,
-    final_warmup: float = 0.0,
-    update_every: int = 1,
-) -> float:
-    """Sparsity rising linearly from ``initial_sparsity`` at t0 to ``final_sparsity``."""
-    progress = _ramp_progress(step, total_steps, initial_warmup, final_warmup, update_every)
-    if progress is None:
-        return 0.0
-    return initial_sparsity + (final_sparsity - initial_sparsity) * progress
-
-
-def constant_sparsity(step: int, total_steps: int, final_sparsity: float) -> float:
-    """The final sparsity from the first step (static masks, e.g. sparse pre-training)."""
-    return final_sparsity
-
-
-def one_shot_sparsity(step: int, total_steps: int, final_sparsity: float, initial_warmup: float = 0.0) -> float:
-    """Dense until ``initial_warmup * total_steps``, then the final sparsity at once."""
-    return final_sparsity if step >= initial_warmup * total_steps else 0.0
+def linear_ramp(progress: float) -> float:
+    return progress
 
 
 @dataclass(frozen=True)
 class SparsitySchedule:
-    """How sparsity grows during training (the final value belongs to the strategy).
+    """How sparsity (or a pruning threshold) moves during training.
 
     Args:
-        kind: ``cubic`` (Zhu & Gupta), ``linear``, ``constant`` (final sparsity from step 0)
-            or ``one_shot`` (dense, then final at ``initial_warmup``).
+        kind: ``cubic`` (Zhu & Gupta; movement pruning), ``linear``, ``constant`` (final value
+            from step 0) or ``one_shot`` (dense, then the final value at the initial warm-up).
         initial_sparsity: sparsity at the start of the ramp (cubic and linear).
-        initial_warmup: fraction of training kept dense before pruning starts (default 0.1).
-        final_warmup: fraction of training at the end that keeps the final sparsity, so the
-            network recovers from the last pruning step (default 0.3).
+        initial_warmup: length of the dense start (default 0.1, in ``warmup_unit``).
+        final_warmup: length of the end at the final value (default 0.3, in ``warmup_unit``).
         update_every: masks change only every this many optimizer steps (Zhu & Gupta's dt).
+        warmup_unit: ``fraction`` of all optimizer steps, optimizer ``steps``, or multiples of
+            the learning-rate warm-up (``lr_warmup``, as movement pruning's scripts count).
     """
 
     kind: ScheduleKind = "cubic"
@@ -106,15 +72,19 @@ class SparsitySchedule:
     initial_warmup: float = 0.1
     final_warmup: float = 0.3
     update_every: int = 1
+    warmup_unit: WarmupUnit = "fraction"
 
     def __post_init__(self) -> None:
         check_sparsity(self.initial_sparsity)
         if self.kind not in ("cubic", "linear", "constant", "one_shot"):
             raise ValueError(f"unknown schedule kind {self.kind!r}; use cubic, linear, constant or one_shot")
+        if self.warmup_unit not in ("fraction", "steps", "lr_warmup"):
+            raise ValueError(f"unknown warmup_unit {self.warmup_unit!r}; use fraction, steps or lr_warmup")
         for name in ("initial_warmup", "final_warmup"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} is a fraction of training in [0, 1), got {getattr(self, name)}")
-        if self.kind in ("cubic", "linear") and self.initial_warmup + self.final_warmup >= 1.0:
+            value = getattr(self, name)
+            if value < 0 or (self.warmup_unit == "fraction" and value >= 1.0):
+                raise ValueError(f"{name} must be >= 0 (and < 1 as a fraction of training), got {value}")
+        if self.warmup_unit == "fraction" and self.ramps and self.initial_warmup + self.final_warmup >= 1.0:
             raise ValueError(
                 f"initial_warmup + final_warmup = {self.initial_warmup + self.final_warmup} leaves no steps "
                 "to prune in; their sum must be below 1"
@@ -122,14 +92,44 @@ class SparsitySchedule:
         if self.update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {self.update_every}")
 
-    def __call__(self, step: int, total_steps: int, final_sparsity: float) -> float:
-        """Target sparsity at optimizer step ``step`` of ``total_steps``."""
+    @property
+    def ramps(self) -> bool:
+        return self.kind in ("cubic", "linear")
+
+    def window(self, total_steps: int, lr_warmup_steps: int = 0) -> tuple[float, float]:
+        """``(t0, t1)`` in optimizer steps.
+
+        Raises:
+            ValueError: the warm-ups do not fit in training (movement pruning's reference code
+                silently never prunes then and evaluates with the final mask).
+        """
+        scale = {"fraction": total_steps, "steps": 1, "lr_warmup": lr_warmup_steps}[self.warmup_unit]
+        start, end = self.initial_warmup * scale, total_steps - self.final_warmup * scale
+        if self.ramps and end <= start:
+            raise ValueError(
+                f"the sparsity schedule has no steps to prune in: initial warm-up ends at step {start:g} and the "
+                f"final warm-up starts at step {end:g} of {total_steps}. Train longer or shorten the warm-ups."
+            )
+        return start, end
+
+    def progress(self, step: int, total_steps: int, lr_warmup_steps: int = 0) -> float | None:
+        """How far along the schedule ``step`` is: None before it starts, then 0 to 1 (shaped)."""
         if self.kind == "constant":
-            return constant_sparsity(step, total_steps, final_sparsity)
+            return 1.0
+        start, end = self.window(total_steps, lr_warmup_steps)
         if self.kind == "one_shot":
-            return one_shot_sparsity(step, total_steps, final_sparsity, self.initial_warmup)
-        ramp = cubic_sparsity if self.kind == "cubic" else linear_sparsity
-        return ramp(
-            step, total_steps, final_sparsity, self.initial_sparsity,
-            self.initial_warmup, self.final_warmup, self.update_every,
-        )
+            return 1.0 if step >= start else None
+        raw = ramp_progress(step, start, end, self.update_every)
+        if raw is None:
+            return None
+        return cubic_ramp(raw) if self.kind == "cubic" else linear_ramp(raw)
+
+    def __call__(self, step: int, total_steps: int, final_sparsity: float, lr_warmup_steps: int = 0) -> float:
+        """Target sparsity at optimizer step ``step`` of ``total_steps`` (0 before the window)."""
+        shaped = self.progress(step, total_steps, lr_warmup_steps)
+        if shaped is None:
+            return 0.0
+        if shaped == 1.0:
+            return final_sparsity
+        initial = self.initial_sparsity if self.ramps else final_sparsity
+        return initial + (final_sparsity - initial) * shaped

@@ -90,6 +90,7 @@ class SparsityStrategy(Callback):
         self.layers: list[SparseLayer] = []
         self.applied_sparsity = 0.0
         self.total_steps = 0
+        self.lr_warmup_steps = 0
         self._measured: dict[str, float] = {}
 
     def _check_pattern(self, pattern: MaskPattern) -> None:
@@ -116,6 +117,10 @@ class SparsityStrategy(Callback):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups for tensors this strategy adds (default: none)."""
         return []
+
+    def loss_term(self) -> torch.Tensor | None:
+        """An extra training loss the method needs (e.g. a penalty on scores), or None."""
+        return None
 
     def needs_update(self, sparsity: float) -> bool:
         """Whether masks must be recomputed for this step's target sparsity."""
@@ -162,6 +167,9 @@ class SparsityStrategy(Callback):
         if self.total_steps and self.total_steps != total:
             rank_zero_warn(f"resumed run has {total} optimizer steps, the checkpoint's had {self.total_steps}")
         self.total_steps = total
+        self.lr_warmup_steps = int(getattr(pl_module, "warmup_steps", 0))
+        if self.schedule.kind != "constant":
+            self.schedule.window(total, self.lr_warmup_steps)  # fail now, not silently mid-run
         trainable, all_params = count_parameters(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
@@ -170,7 +178,7 @@ class SparsityStrategy(Callback):
         """The scheduled sparsity; the last step always has the final one, so it is checkpointed."""
         if step >= self.total_steps - 1:
             return self.final_sparsity
-        return self.schedule(step, self.total_steps, self.final_sparsity)
+        return self.schedule(step, self.total_steps, self.final_sparsity, self.lr_warmup_steps)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         sparsity = self.target_sparsity(trainer.global_step)
