@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
 from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
+from sparseft.distillation import distillation_loss
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -39,6 +40,11 @@ class SparseFTModule(LightningModule):
         warmup_ratio: fraction of optimizer steps with linear learning-rate warm-up, followed by
             linear decay to zero.
         adam_epsilon: AdamW epsilon.
+        teacher: a fine-tuned model (name or path) to distil from, with any strategy; None: no
+            distillation. The teacher is frozen, in eval mode, and not saved in checkpoints.
+        distill_temperature: softening temperature T of the teacher and student logits.
+        distill_alpha_ce: weight of the task loss when distilling.
+        distill_alpha_kd: weight of the distillation loss ``T² · KL``.
     """
 
     def __init__(
@@ -52,12 +58,20 @@ class SparseFTModule(LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         adam_epsilon: float = 1e-8,
+        teacher: str | None = None,
+        distill_temperature: float = 2.0,
+        distill_alpha_ce: float = 0.1,
+        distill_alpha_kd: float = 0.9,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
         self.model = load_backbone(task, backbone, config, num_labels).train()
         self.metric_sets = nn.ModuleDict()
+        # a plain attribute, not a submodule: never trained, checkpointed or handed to DDP
+        self.__dict__["teacher"] = load_backbone(task, teacher, None, num_labels).eval() if teacher else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
         self._metric_inputs: Callable[..., tuple[Any, ...] | None] | None = None
         self._scored: set[str] = set()
         self.warmup_steps = 0  # learning-rate warm-up in optimizer steps, set by configure_optimizers
@@ -78,14 +92,25 @@ class SparseFTModule(LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        outputs = self.model(**batch)
+        loss = outputs.loss
         self.log("train/loss", loss, prog_bar=True)
+        if self.teacher is not None:
+            loss = self._distil(batch, outputs, loss)
         terms = [term for strategy in self.strategies() if (term := strategy.loss_term()) is not None]
         if terms:
             penalty = torch.stack(terms).sum()
             self.log("train/strategy_loss", penalty)
             loss = loss + penalty
         return loss
+
+    def _distil(self, batch: dict[str, torch.Tensor], outputs: Any, task_loss: torch.Tensor) -> torch.Tensor:
+        self.teacher.to(self.device)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(**batch)
+        soft = distillation_loss(outputs, teacher_outputs, self.hparams.distill_temperature)
+        self.log("train/distill_loss", soft)
+        return self.hparams.distill_alpha_ce * task_loss + self.hparams.distill_alpha_kd * soft
 
     def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
         outputs = self.model(**batch)
@@ -182,7 +207,7 @@ class SparseFTModule(LightningModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-        hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY])
+        hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY], teacher=None)
         hparams["tokenizer"] = hparams.get("tokenizer") or checkpoint["hyper_parameters"].get("backbone")
         module = cls(**hparams)
         strategy = build_strategy(checkpoint[CHECKPOINT_KEY]) if CHECKPOINT_KEY in checkpoint else None
