@@ -9,6 +9,7 @@ from sparseft.module import SparseFTModule
 from sparseft.sparse import export_pretrained, prune_, sparsify
 from sparseft.strategies import (
     Magnitude,
+    Movement,
     SparsityStrategy,
     available_strategies,
     get_strategy,
@@ -18,6 +19,6 @@ from sparseft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GLUEDataModule", "Magnitude", "SparseFTModule", "SparsityStrategy", "TextDataModule", "available_strategies",
-    "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
+    "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule", "SparsityStrategy", "TextDataModule",
+    "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]

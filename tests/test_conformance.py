@@ -20,6 +20,7 @@ from sparseft.testing import SyntheticClassificationData, tiny_config
 # Constructor arguments used to test each strategy: a short schedule that reaches its target.
 SETTINGS: dict[str, dict] = {
     "magnitude": dict(sparsity=0.6, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
+    "movement": dict(sparsity=0.7, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
 }
 STEPS = 10
 STRATEGIES = sorted(available_strategies())

@@ -134,3 +134,19 @@ def test_freeze_backbone_keeps_only_listed_parameters_and_the_head():
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
     assert trainable == query.numel() + head
     assert freeze_backbone_(model, keep={id(query)}, train_head=False) == query.numel()
+
+
+def test_remaining_weights_counts_biases_and_layernorm_like_the_paper():
+    from sparseft.sparse.report import remaining_weights
+
+    model = tiny("bert")
+    layers = sparsify(model)
+    prune_(layers, [s.dense().abs() for s in layers], 0.9)
+    names = [s.name for s in layers]
+    result = remaining_weights(model, names)
+    matrices = sum(s.mask.numel() for s in layers)  # 2 x (4 x 32*32 + 2 x 32*64) = 16,384
+    kept = sum(int(s.mask.sum()) for s in layers)
+    # per block: biases 4*32 + 64 + 32 = 224, LayerNorms 2 x 2 x 32 = 128 -> 352, two blocks
+    extra = 2 * 352
+    assert matrices == 16_384 and result["targets"] == pytest.approx(kept / matrices)
+    assert result["blocks_paper"] == pytest.approx((kept + extra) / (matrices + extra))

@@ -26,3 +26,19 @@ def freeze_backbone_(model: nn.Module, keep: set[int], train_head: bool = True) 
         trainable = id(parameter) in keep or (train_head and is_head_parameter(name))
         parameter.requires_grad_(trainable)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def freeze_embeddings_(model: nn.Module) -> int:
+    """Freeze the input embeddings (token, position, type, and BERT's embedding LayerNorm).
+
+    Movement pruning freezes them (``self.embeddings.requires_grad_(False)``). Returns the
+    number of parameters frozen.
+    """
+    base = getattr(model, "base_model", model)
+    frozen = 0
+    for name, child in base.named_children():
+        if "embed" in name or name in ("wte", "wpe"):
+            for parameter in child.parameters():
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+    return frozen

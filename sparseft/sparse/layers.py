@@ -121,16 +121,20 @@ def role_of(name: str, model_type: str | None) -> str | None:
     return None
 
 
+def block_index(name: str) -> int | None:
+    """Index of the transformer block a module or parameter name is in, or None outside the blocks."""
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
 def find_linear_layers(model: nn.Module) -> list[LinearLayer]:
     """Every ``nn.Linear`` / ``Conv1D`` in ``model`` in module order, with its role."""
     model_type = model_type_of(model)
-    layers = []
-    for name, module in model.named_modules():
-        if is_linear(module):
-            match = _LAYER_INDEX.search(f".{name}.")
-            index = int(match.group(1)) if match else None
-            layers.append(LinearLayer(name, module, role_of(name, model_type), index))
-    return layers
+    return [
+        LinearLayer(name, module, role_of(name, model_type), block_index(name))
+        for name, module in model.named_modules()
+        if is_linear(module)
+    ]
 
 
 def head_size(model: nn.Module) -> int:

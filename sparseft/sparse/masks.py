@@ -68,6 +68,19 @@ def global_topk_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch
     return [part.view_as(score) for part, score in zip(keep.split([s.numel() for s in scores]), scores)]
 
 
+def threshold_mask(scores: torch.Tensor, threshold: float, min_keep_fraction: float = 0.005) -> torch.Tensor:
+    """Keep-mask ``scores > threshold``, but never fewer than ``int(min_keep_fraction·numel) + 1``.
+
+    Soft movement pruning thresholds ``σ(S)``; the floor (emmental's ThresholdBinarizer, 0.5%
+    per matrix) keeps a layer from being emptied by a global threshold.
+    """
+    keep = scores.detach() > threshold
+    floor = int(min_keep_fraction * scores.numel()) + 1
+    if int(keep.sum()) < floor:
+        return ~lowest_k(scores, scores.numel() - floor)
+    return keep
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M keep-mask: in every group of ``m`` consecutive inputs of a row, keep the ``n`` largest.
 

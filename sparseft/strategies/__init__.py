@@ -2,8 +2,10 @@
 
 from sparseft.strategies.base import SparsityStrategy, build_strategy
 from sparseft.strategies.magnitude import Magnitude
+from sparseft.strategies.movement import Movement
 from sparseft.strategies.registry import available_strategies, get_strategy, register_strategy
 
 __all__ = [
-    "Magnitude", "SparsityStrategy", "available_strategies", "build_strategy", "get_strategy", "register_strategy",
+    "Magnitude", "Movement", "SparsityStrategy", "available_strategies", "build_strategy", "get_strategy",
+    "register_strategy",
 ]

@@ -91,6 +91,7 @@ class SparsityStrategy(Callback):
         self.applied_sparsity = 0.0
         self.total_steps = 0
         self.lr_warmup_steps = 0
+        self.step = 0  # current optimizer step, set at every training batch
         self._measured: dict[str, float] = {}
 
     def _check_pattern(self, pattern: MaskPattern) -> None:
@@ -181,7 +182,8 @@ class SparsityStrategy(Callback):
         return self.schedule(step, self.total_steps, self.final_sparsity, self.lr_warmup_steps)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        sparsity = self.target_sparsity(trainer.global_step)
+        self.step = trainer.global_step
+        sparsity = self.target_sparsity(self.step)
         if self.needs_update(sparsity):
             self.update_masks(sparsity)
 
