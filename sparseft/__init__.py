@@ -8,6 +8,7 @@ from sparseft.datamodules import GLUEDataModule, TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse import export_pretrained, prune_, sparsify
 from sparseft.strategies import (
+    PST,
     Magnitude,
     Movement,
     SparsityStrategy,
@@ -19,6 +20,6 @@ from sparseft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule", "SparsityStrategy", "TextDataModule",
+    "PST", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule", "SparsityStrategy", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]

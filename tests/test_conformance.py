@@ -20,6 +20,7 @@ from sparseft.testing import SyntheticClassificationData, tiny_config
 # Constructor arguments used to test each strategy: a short schedule that reaches its target.
 SETTINGS: dict[str, dict] = {
     "magnitude": dict(sparsity=0.6, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
+    "pst": dict(sparsity=0.8, learning_rate=1e-2, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
     "movement": dict(sparsity=0.7, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
 }
 STEPS = 10

@@ -39,3 +39,22 @@ class LowRank(nn.Module):
 
 def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
     return torch.zeros(shape) if std is None else torch.randn(shape) * std
+
+
+class RowBlocks(nn.Module):
+    """Stack per-block modules along the output rows: one module per matrix of a fused layer.
+
+    GPT-2's ``c_attn`` holds ``[q; k; v]``; methods defined per matrix (a LoRA pair, scores)
+    get one child per block. ``forward()`` concatenates the children's outputs; with a tensor
+    argument each child receives its own row block of it.
+    """
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if weight is None:
+            return torch.cat([block() for block in self.blocks])
+        chunks = weight.chunk(len(self.blocks))
+        return torch.cat([block(chunk) for block, chunk in zip(self.blocks, chunks, strict=True)])

@@ -60,7 +60,7 @@ class SparseWeight(nn.Module):
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         weight = self.dense(stored)
-        if self.score is None:
+        if self.score is None or not torch.is_grad_enabled():  # the score only carries gradient
             masked = weight * self.mask
         else:
             scores = self.score(weight)

@@ -3,9 +3,10 @@
 from sparseft.strategies.base import SparsityStrategy, build_strategy
 from sparseft.strategies.magnitude import Magnitude
 from sparseft.strategies.movement import Movement
+from sparseft.strategies.pst import PST
 from sparseft.strategies.registry import available_strategies, get_strategy, register_strategy
 
 __all__ = [
-    "Magnitude", "Movement", "SparsityStrategy", "available_strategies", "build_strategy", "get_strategy",
+    "PST", "Magnitude", "Movement", "SparsityStrategy", "available_strategies", "build_strategy", "get_strategy",
     "register_strategy",
 ]

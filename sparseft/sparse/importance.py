@@ -1,0 +1,37 @@
+"""PST's importance score: data-free magnitude plus a factorized data-driven part."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PSTImportance(nn.Module):
+    """``S = |W_eff| + α1·A·B + α2·(R·1ᵀ + 1·Cᵀ)`` (Li et al. 2022, eq. 6-8).
+
+    ``|W_eff|`` is the magnitude of the *updated* weight ``W0 + β·U·V`` and carries gradient
+    into U and V. The data-driven part replaces movement pruning's dense score matrix by a
+    rank-``r`` product ``A·B`` (A ~ N(0, 1), B = 0) plus a row vector R and a column vector C
+    (both 0), so at step 0 the score is pure magnitude. Used with the straight-through mask,
+    ``∂L/∂S = (∂L/∂W') ⊙ W_eff``: A·B receives α1 times it, R and C α2 times its row and
+    column sums.
+
+    Args:
+        shape: ``(out_features, in_features)``.
+        rank: ``r_m``, the rank of ``A·B``.
+        alpha1: weight of the low-rank part.
+        alpha2: weight of the row and column part.
+    """
+
+    def __init__(self, shape: tuple[int, int], rank: int = 8, alpha1: float = 1.0, alpha2: float = 1.0) -> None:
+        super().__init__()
+        out_features, in_features = shape
+        self.alpha1, self.alpha2 = alpha1, alpha2
+        self.A = nn.Parameter(torch.randn(out_features, rank))
+        self.B = nn.Parameter(torch.zeros(rank, in_features))
+        self.R = nn.Parameter(torch.zeros(out_features))
+        self.C = nn.Parameter(torch.zeros(in_features))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        structured = self.R.unsqueeze(1) + self.C.unsqueeze(0)
+        return weight.abs() + self.alpha1 * (self.A @ self.B) + self.alpha2 * structured
