@@ -74,6 +74,7 @@ class SparseFTModule(LightningModule):
             self.teacher.requires_grad_(False)
         self._metric_inputs: Callable[..., tuple[Any, ...] | None] | None = None
         self._scored: set[str] = set()
+        self._forward_keys: set[str] | None = None
         self.warmup_steps = 0  # learning-rate warm-up in optimizer steps, set by configure_optimizers
 
     # ---- metrics -------------------------------------------------------------------------
@@ -89,10 +90,17 @@ class SparseFTModule(LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:
-        return self.model(**batch)
+        return self.model(**self.model_inputs(batch))
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch entries the backbone's ``forward`` accepts (datamodules may carry more,
+        e.g. SQuAD's ``feature_index`` for post-processing)."""
+        if self._forward_keys is None:
+            self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+        return {key: value for key, value in batch.items() if key in self._forward_keys}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        outputs = self.model(**batch)
+        outputs = self(**batch)
         loss = outputs.loss
         self.log("train/loss", loss, prog_bar=True)
         if self.teacher is not None:
@@ -107,13 +115,13 @@ class SparseFTModule(LightningModule):
     def _distil(self, batch: dict[str, torch.Tensor], outputs: Any, task_loss: torch.Tensor) -> torch.Tensor:
         self.teacher.to(self.device)
         with torch.no_grad():
-            teacher_outputs = self.teacher(**batch)
+            teacher_outputs = self.teacher(**self.model_inputs(batch))
         soft = distillation_loss(outputs, teacher_outputs, self.hparams.distill_temperature)
         self.log("train/distill_loss", soft)
         return self.hparams.distill_alpha_ce * task_loss + self.hparams.distill_alpha_kd * soft
 
     def _evaluate(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
-        outputs = self.model(**batch)
+        outputs = self(**batch)
         names = list(self.metric_sets)
         suffix = f"/{names[dataloader_idx]}" if len(names) > 1 else ""
         if outputs.loss is not None:
@@ -145,7 +153,7 @@ class SparseFTModule(LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         batch = {key: value for key, value in batch.items() if key != "labels"}
-        return logits_to_predictions(self.model(**batch).logits)
+        return logits_to_predictions(self(**batch).logits)
 
     # ---- optimization --------------------------------------------------------------------
     def strategies(self) -> list[SparsityStrategy]:

@@ -2,5 +2,6 @@
 
 from sparseft.datamodules.base import TextDataModule
 from sparseft.datamodules.glue import GLUEDataModule
+from sparseft.datamodules.squad import SquadDataModule
 
-__all__ = ["GLUEDataModule", "TextDataModule"]
+__all__ = ["GLUEDataModule", "SquadDataModule", "TextDataModule"]
