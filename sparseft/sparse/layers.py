@@ -103,6 +103,11 @@ class LinearLayer:
         rows, cols = self.module.weight.shape
         return (cols, rows) if self.transposed else (rows, cols)
 
+    @property
+    def fused_matrices(self) -> int:
+        """How many matrices this layer stacks along its rows: 3 for a fused ``qkv``, else 1."""
+        return 3 if self.role == "qkv" else 1
+
     def weight(self) -> torch.Tensor:
         """The current effective weight as ``[out, in]`` (parametrizations applied)."""
         return as_out_in(self.module.weight, self.transposed)

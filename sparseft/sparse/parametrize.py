@@ -82,7 +82,7 @@ class SparseLayer:
     @property
     def row_blocks(self) -> int:
         """Matrices fused in this layer (3 for a ``qkv`` projection): masks rank each separately."""
-        return 3 if self.layer.role == "qkv" else 1
+        return self.layer.fused_matrices
 
     @property
     def stored_weight(self) -> torch.Tensor:

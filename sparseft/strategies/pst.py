@@ -20,7 +20,7 @@ from sparseft.strategies.registry import register_strategy
 
 def _per_matrix(layer: LinearLayer, build: Any) -> nn.Module:
     """``build(shape)`` for a plain layer; one per matrix, stacked, for a fused ``qkv`` layer."""
-    blocks = 3 if layer.role == "qkv" else 1
+    blocks = layer.fused_matrices
     out_features, in_features = layer.shape
     if blocks == 1:
         return build(layer.shape)
