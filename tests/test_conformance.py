@@ -121,3 +121,24 @@ def test_builds_from_yaml_by_short_name(name):
     strategy = parser.instantiate_classes(config).sparsity
     assert type(strategy) is cls
     assert strategy.final_sparsity == SETTINGS[name]["sparsity"]
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_export_merges_to_plain_weights_with_identical_logits(name, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from sparseft.sparse.export import export_pretrained
+
+    strategy = make_strategy(name)
+    _, module = fit(strategy, tmp_path / "run", STEPS)
+    batch = next(iter(SyntheticClassificationData(size=8).train_dataloader()))
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(**inputs).logits
+    report = export_pretrained(module.model, tmp_path / "exported")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, expected, atol=1e-5)
+    assert report["target_sparsity"] == pytest.approx(strategy.measured_sparsity(), abs=1e-6)
+    assert not any("parametrizations" in key for key in plain.state_dict())
