@@ -75,3 +75,20 @@ def test_topk_row_blocks_prune_each_fused_matrix_separately():
     assert int(topk_mask(scores, 0.5)[:2].sum()) == 0
     with pytest.raises(ValueError, match="equal blocks"):
         topk_mask(torch.ones(4, 2), 0.5, row_blocks=3)
+
+
+@pytest.mark.parametrize("kind", ["normal", "integers", "half_zeros"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.97])
+def test_fast_selection_equals_a_stable_sort_on_large_matrices(kind, sparsity):
+    generator = torch.Generator().manual_seed(7)
+    shape = (768, 128)  # large enough for the sampled bracket
+    scores = {
+        "normal": torch.randn(shape, generator=generator),
+        "integers": torch.randint(0, 50, shape, generator=generator).float(),  # heavy ties
+        "half_zeros": torch.randn(shape, generator=generator).abs() * torch.randint(0, 2, shape, generator=generator),
+    }[kind]
+    k = pruned_count(scores.numel(), sparsity)
+    order = torch.sort(scores.flatten(), stable=True).indices
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[order[:k]] = True
+    assert torch.equal(lowest_k(scores, k), expected.view(shape))
