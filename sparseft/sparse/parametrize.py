@@ -14,8 +14,8 @@ Two pluggable pieces, both optional ``nn.Module``s:
 
 * ``delta()`` returns ΔW (``[out, in]``), e.g. a LoRA product;
 * ``score(w)`` returns importance scores given the dense ``W0 + ΔW``. When present, the mask
-  is used with a straight-through estimator, ``M_ste = M + (S - stop_grad(S))``: its value is
-  exactly ``M`` but ``∂L/∂S = ∂L/∂W' ⊙ W`` (movement pruning, PST). Without it the mask is a
+  is a straight-through estimator (:class:`StraightThroughMask`): its value is exactly ``M``
+  but ``∂L/∂S = ∂L/∂W' ⊙ W`` (movement pruning, PST). Without it the mask is a
   constant and pruned weights get exactly zero gradient.
 """
 
@@ -63,9 +63,27 @@ class SparseWeight(nn.Module):
         if self.score is None or not torch.is_grad_enabled():  # the score only carries gradient
             masked = weight * self.mask
         else:
-            scores = self.score(weight)
-            masked = weight * (self.mask + (scores - scores.detach()))
+            masked = StraightThroughMask.apply(weight, self.score(weight), self.mask)
         return as_out_in(masked, self.transposed)
+
+
+class StraightThroughMask(torch.autograd.Function):
+    """``W' = M ⊙ W`` whose backward treats the mask as the identity of the scores.
+
+    Gives ``∂L/∂W = ∂L/∂W' ⊙ M`` and ``∂L/∂S = ∂L/∂W' ⊙ W``: the same as
+    ``W ⊙ (M + S − stop_grad(S))``, without its three full-size temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, weight: torch.Tensor, scores: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weight, mask = ctx.saved_tensors
+        return grad * mask, grad * weight, None
 
 
 @dataclass(frozen=True)
