@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import datasets
 import pytest
 import torch
 
@@ -136,3 +139,155 @@ def test_validate_needs_only_the_dev_file(tiny_bert_dir, tmp_path):
 def test_missing_tokenizer_is_explained():
     with pytest.raises(ValueError, match="has no tokenizer: set data.tokenizer"):
         _ = GLUEDataModule(task="sst2").tokenizer
+
+
+# ---- offline: synthetic files in the original formats ------------------------------------------
+METRICS = {
+    "cola": {"matthews_correlation"}, "sst2": {"accuracy"}, "mrpc": {"f1", "accuracy"}, "qqp": {"f1", "accuracy"},
+    "stsb": {"pearson", "spearmanr"}, "mnli": {"accuracy"}, "qnli": {"accuracy"}, "rte": {"accuracy"},
+    "wnli": {"accuracy"},
+}
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SST-2-format folder of 40 short rows (train, dev) and an unlabelled test file."""
+    path = tmp_path_factory.mktemp("sst2")
+    rows = "".join(f"film {i} is {'good' if i % 2 else 'bad'} \t{i % 2}\n" for i in range(40))
+    for split in ("train", "dev"):
+        (path / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    (path / "test.tsv").write_text("index\tsentence\n0\ta film\n1\tanother film\n")
+    return path
+
+
+def sst2_data(tokenizer_dir: Path, data_dir: Path, **kwargs) -> GLUEDataModule:
+    return GLUEDataModule(task="sst2", tokenizer=str(tokenizer_dir), data_dir=str(data_dir), **kwargs)
+
+
+@pytest.mark.parametrize("task", sorted(METRICS))
+def test_every_task_has_its_official_metrics(task):
+    data = GLUEDataModule(task=task)
+    assert set(data.build_metrics().keys()) == METRICS[task]
+    assert data.num_labels == {"stsb": 1, "mnli": 3}.get(task, 2)
+    assert data.task_type == "sequence-classification"
+    mnli = ["validation_matched", "validation_mismatched"]
+    assert data.val_names == (mnli if task == "mnli" else ["validation"])
+
+
+def test_mnli_accuracy_over_three_classes():
+    metrics = GLUEDataModule(task="mnli").build_metrics()
+    metrics.update(torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 1, 1, 2, 0, 2]))
+    assert metrics.compute()["accuracy"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name, task", [("SST-2", "sst2"), ("Sst2", "sst2"), ("STS-B", "stsb"), ("CoLA", "cola"),
+                                        ("MNLI", "mnli"), ("QQP", "qqp"), ("WNLI", "wnli")])
+def test_task_names_are_case_insensitive(name, task):
+    assert GLUEDataModule(task=name).task.name == task
+
+
+def test_unknown_task_in_the_datamodule():
+    with pytest.raises(ValueError, match="unknown GLUE task 'sst3'; choose one of .*wnli"):
+        GLUEDataModule(task="sst3")
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\ta\tb\n", encoding="utf-8")
+    assert read_tsv(path, get_task("mrpc")) == {"sentence1": ["a"], "sentence2": ["b"], "label": [0]}
+
+
+def test_headerless_cola_row_with_a_stray_tab(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("gj04\t1\t\tfine .\ngj04\t0\t\tbroken\tsentence .\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: expected 4 tab-separated fields, found 5"):
+        read_tsv(path, get_task("cola"))
+
+
+@pytest.mark.parametrize("score", ["nan", "high"])
+def test_unreadable_stsb_score(tmp_path, score):
+    path = tmp_path / "dev.tsv"
+    path.write_text(f"index\tsentence1\tsentence2\tscore\n0\ta\tb\t1.5\n1\ta\tb\t{score}\n")
+    with pytest.raises(ValueError, match=rf"{path}:3: cannot read label '{score}' for task stsb"):
+        read_tsv(path, get_task("stsb"))
+
+
+def test_empty_file_is_named(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("")
+    with pytest.raises(ValueError, match=rf"{path}: empty file"):
+        read_tsv(path, get_task("rte"))
+
+
+def test_qqp_and_wnli_columns_and_labels(tmp_path):
+    qqp = tmp_path / "qqp.tsv"
+    qqp.write_text("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n7\t1\t2\twhy ?\thow ?\t1\n")
+    assert read_tsv(qqp, get_task("qqp")) == {"question1": ["why ?"], "question2": ["how ?"], "label": [1]}
+    wnli = tmp_path / "wnli.tsv"
+    wnli.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\t1\n1\tc\td\t0\n")
+    assert read_tsv(wnli, get_task("wnli"))["label"] == [1, 0]
+    assert GLUEDataModule(task="wnli").label_names == ["not_entailment", "entailment"]  # the hub's order
+
+
+def test_mnli_local_matched_and_mismatched(tiny_bert_dir, tmp_path):
+    header = "index\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    rows = "0\tfiction\ta\tb\tneutral\tentailment\n1\tfiction\tc\td\tneutral\tneutral\n2\tgov\te\tf\tx\tcontradiction\n"
+    for name in ("dev_matched.tsv", "dev_mismatched.tsv"):
+        (tmp_path / name).write_text(header + rows)
+    data = GLUEDataModule(task="mnli", tokenizer=str(tiny_bert_dir), data_dir=str(tmp_path), eval_batch_size=8)
+    data.setup("validate")
+    data.setup("test")
+    for loaders in (data.val_dataloader(), data.test_dataloader()):
+        assert len(loaders) == 2
+        assert [next(iter(loader))["labels"].tolist() for loader in loaders] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_hub_splits(monkeypatch, tiny_bert_dir):
+    calls = []
+
+    def load_dataset(path: str, name: str, split: str) -> datasets.Dataset:
+        calls.append((path, name, split))
+        label = -1 if split.startswith("test") else 2  # the hub's test labels are -1
+        return datasets.Dataset.from_dict({"premise": ["a"], "hypothesis": ["b"], "label": [label], "idx": [0]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = GLUEDataModule(task="mnli", tokenizer=str(tiny_bert_dir))
+    data.setup("validate")
+    data.setup("predict")
+    splits = ["validation_matched", "validation_mismatched", "test_matched"]
+    assert calls == [("nyu-mll/glue", "mnli", split) for split in splits]
+    assert int(data.datasets["validation_matched"][0]["labels"]) == 2
+    assert "labels" not in next(iter(data.predict_dataloader()))
+
+
+def test_batches_from_the_dataloaders(tiny_bert_dir, sst2_dir):
+    data = sst2_data(tiny_bert_dir, sst2_dir, batch_size=4, eval_batch_size=16, max_length=8)
+    data.setup("fit")
+    data.setup("predict")
+    train, val = next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))
+    assert set(train) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert train["input_ids"].shape[0] == 4 and val["input_ids"].shape[0] == 16
+    assert train["input_ids"].dtype == train["labels"].dtype == torch.int64 and val["input_ids"].shape[1] <= 8
+    assert torch.equal(val["labels"], torch.arange(16) % 2)  # evaluation keeps the file order
+    predict = next(iter(data.predict_dataloader()))
+    assert "labels" not in predict and predict["input_ids"].shape[0] == 2
+
+
+def test_training_subset_and_order_depend_on_the_seed_only(tiny_bert_dir, sst2_dir):
+    def first_batch(seed: int, global_seed: int) -> tuple[list[int], torch.Tensor]:
+        data = sst2_data(tiny_bert_dir, sst2_dir, batch_size=8, max_train_samples=24, seed=seed)
+        data.setup("fit")
+        torch.manual_seed(global_seed)  # as if model and strategy setup drew random numbers
+        return data.datasets["train"]["input_ids"][0].tolist(), next(iter(data.train_dataloader()))["input_ids"]
+
+    (subset, batch), (same_subset, same_batch) = first_batch(1, 0), first_batch(1, 123)
+    assert subset == same_subset and torch.equal(batch, same_batch)
+    other_subset, other_batch = first_batch(2, 0)
+    assert other_subset != subset and not torch.equal(other_batch, batch)
+
+
+def test_tokenizer_can_be_set_after_construction(tiny_bert_dir, sst2_dir):
+    data = GLUEDataModule(task="sst2", data_dir=str(sst2_dir), max_eval_samples=3)
+    data.tokenizer = str(tiny_bert_dir)  # what the CLI's link amounts to
+    data.setup("validate")
+    assert len(data.datasets["validation"]) == 3 and data.tokenizer_name == str(tiny_bert_dir)

@@ -12,7 +12,6 @@ runs, dynamic padding and the dataloaders. A task module implements:
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, ClassVar
 
 import datasets
@@ -47,7 +46,8 @@ class TextDataModule(LightningDataModule):
 
     Args:
         tokenizer: tokenizer name, directory or ``pkg:`` path. The CLI links it from
-            ``model.backbone``, so it is rarely written by hand.
+            ``model.backbone``, so it is rarely written by hand; it is loaded on first use,
+            so it may also be assigned (``data.tokenizer = ...``) any time before ``setup``.
         data_dir: folder with the task's original files; None loads from the Hugging Face hub.
         max_length: longest tokenized input; longer inputs are truncated.
         batch_size: training batch size (per device).
@@ -55,7 +55,9 @@ class TextDataModule(LightningDataModule):
         num_workers: dataloader worker processes.
         max_train_samples: use a random subset of this many training examples (quick runs).
         max_eval_samples: use the first this many evaluation examples (quick runs).
-        seed: seed of the training subset choice.
+        seed: seed of the training subset choice and of the training shuffle order. The
+            order has its own generator, so it is the same for every model and strategy
+            (whatever random numbers their setup draws) and for every global seed.
     """
 
     task_type: ClassVar[str] = "sequence-classification"
@@ -74,6 +76,7 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer_name = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self.data_dir = data_dir
         self.max_length = max_length
         self.batch_size = batch_size
@@ -119,14 +122,25 @@ class TextDataModule(LightningDataModule):
         return classification_metric_inputs(outputs, batch, module)
 
     # ---- shared machinery ------------------------------------------------------------------
-    @cached_property
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if not self.tokenizer_name:
-            raise ValueError(
-                f"{type(self).__name__} has no tokenizer: set data.tokenizer, or model.backbone / "
-                "model.tokenizer, which the CLI links to it"
-            )
-        return load_tokenizer(self.tokenizer_name)
+        """The tokenizer, loaded from ``tokenizer_name`` on first use (the CLI links the name late)."""
+        if self._tokenizer is None:
+            if not self.tokenizer_name:
+                raise ValueError(
+                    f"{type(self).__name__} has no tokenizer: set data.tokenizer, or model.backbone / "
+                    "model.tokenizer, which the CLI links to it"
+                )
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: str | PreTrainedTokenizerBase | None) -> None:
+        """Take a name / path (loaded lazily) or a ready tokenizer object."""
+        if isinstance(value, PreTrainedTokenizerBase):
+            self.tokenizer_name, self._tokenizer = value.name_or_path, value
+        else:
+            self.tokenizer_name, self._tokenizer = value, None
 
     def _subsample(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
         if split == "train" and self.max_train_samples and self.max_train_samples < len(dataset):
@@ -155,9 +169,12 @@ class TextDataModule(LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError(f"dataset {name!r} was not set up; call setup() for its stage first")
+        # a generator of its own: the order depends on ``seed`` only, not on how many random
+        # numbers model and strategy setup drew from the global generator before the first epoch
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[name], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate,
+            shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
         )
 
     def _loaders(self, split: str) -> DataLoader | list[DataLoader]:

@@ -40,8 +40,12 @@ class GLUEDataModule(TextDataModule):
     file is read only when its stage needs it, so ``validate`` works with ``dev.tsv`` alone.
 
     ``test`` evaluates on the dev sets, since GLUE's test labels are hidden; ``predict``
-    runs on the unlabelled test files (for a leaderboard submission). MNLI validates on
-    matched and mismatched dev sets, as two dataloaders.
+    runs on the unlabelled test file (for a leaderboard submission; MNLI: the matched one).
+    MNLI validates and tests on the matched and mismatched dev sets, as two dataloaders
+    named by :attr:`val_names`.
+
+    Labels are ids in the hub's ClassLabel order (``label_names``), so a model trained on
+    the local files reads hub data the same way; STS-B's score is a float regression target.
 
     Metrics: CoLA Matthews correlation; STS-B Pearson and Spearman (regression,
     ``num_labels`` 1); MRPC and QQP F1 and accuracy; the others accuracy.

@@ -8,6 +8,7 @@ headers start with a UTF-8 byte-order mark. A malformed row is an error naming f
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,10 @@ def get_task(name: str) -> GlueTask:
 def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
     try:
         if task.labels is None:
-            return float(value)
+            score = float(value)
+            if not math.isfinite(score):
+                raise ValueError(value)
+            return score
         if value in task.labels:
             return task.labels.index(value)
         index = int(value)
@@ -116,13 +120,16 @@ def read_tsv(path: Path, task: GlueTask, labelled: bool = True) -> dict[str, lis
         file_columns = task.columns(labelled)
         positional = all(isinstance(file_columns[name], int) for name in wanted)
         header = None if positional else next(reader, None)
+        if not positional and header is None:
+            raise ValueError(f"{path}: empty file, expected a header row")
         index = _column_index(file_columns, wanted, header, path)
-        width = len(header) if header else None
+        # header-less files (CoLA) end with their last wanted column: a tab inside the sentence
+        # would otherwise go unnoticed and cut it short
+        width = len(header) if header else max(index.values()) + 1
         for line, row in enumerate(reader, start=1 if positional else 2):
             where = f"{path}:{line}"
-            if (width and len(row) != width) or len(row) <= max(index.values()):
-                raise ValueError(f"{where}: expected {width or max(index.values()) + 1} tab-separated fields, "
-                                 f"found {len(row)}")
+            if len(row) != width:
+                raise ValueError(f"{where}: expected {width} tab-separated fields, found {len(row)}")
             for name in wanted:
                 value = row[index[name]]
                 columns[name].append(_parse_label(task, value, where) if name == "label" else value)
