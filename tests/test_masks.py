@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from sparseft.sparse.masks import global_topk_masks, lowest_k, nm_mask, pruned_count, topk_mask
+from sparseft.sparse.masks import (
+    global_topk_masks,
+    lowest_k,
+    lowest_k_by_sort,
+    nm_mask,
+    pruned_count,
+    topk_mask,
+)
 
 
 def test_topk_prunes_the_smallest_exactly():
@@ -92,3 +99,18 @@ def test_fast_selection_equals_a_stable_sort_on_large_matrices(kind, sparsity):
     expected = torch.zeros(scores.numel(), dtype=torch.bool)
     expected[order[:k]] = True
     assert torch.equal(lowest_k(scores, k), expected.view(shape))
+    assert torch.equal(lowest_k_by_sort(scores.flatten(), k), expected)  # the GPU path, run on the CPU
+    assert int(lowest_k(scores, k).sum()) == k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sparsity", [0.1, 0.9])
+def test_gpu_selection_gives_the_cpu_mask(sparsity):
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 1000, (1536, 384), generator=generator).float()  # many ties
+    k = pruned_count(scores.numel(), sparsity)
+    assert torch.equal(lowest_k(scores.cuda(), k).cpu(), lowest_k(scores, k))
+    on_gpu = global_topk_masks([scores.cuda(), scores[:384].cuda()], sparsity)
+    on_cpu = global_topk_masks([scores, scores[:384]], sparsity)
+    assert all(torch.equal(gpu.cpu(), cpu) for gpu, cpu in zip(on_gpu, on_cpu, strict=True))
