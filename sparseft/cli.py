@@ -96,7 +96,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
-    report = export_pretrained(module.model, args.output_dir, tokenizer, extra)
+    shrink = strategy is not None and strategy.structured
+    report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink)
     print(
         f"exported to {args.output_dir}: target sparsity {report['target_sparsity']:.4f} over "
         f"{report['target_weights']:,} weights; linear FLOPs/token {report['linear_flops_per_token']}"

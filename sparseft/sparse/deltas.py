@@ -41,6 +41,59 @@ def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
     return torch.zeros(shape) if std is None else torch.randn(shape) * std
 
 
+class SparseResidual(nn.Module):
+    """ΔW with trainable values on a fixed set Ω of positions, zero elsewhere (DSEE's S2).
+
+    Only ``len(Ω)`` values are stored and trained: ``ΔW.flatten()[Ω] = values``. Ω (``indices``,
+    flat positions in the ``[out, in]`` matrix) is a buffer, so it is checkpointed but never
+    trained; the values start at zero.
+
+    Args:
+        shape: ``(out_features, in_features)``.
+        indices: flat positions Ω, distinct, in ``[0, out·in)``.
+    """
+
+    def __init__(self, shape: tuple[int, int], indices: torch.Tensor) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        indices = indices.long().flatten()
+        if indices.unique().numel() != indices.numel():
+            raise ValueError("SparseResidual indices must be distinct")
+        if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < shape[0] * shape[1]:
+            raise ValueError(f"SparseResidual indices must lie in [0, {shape[0] * shape[1]})")
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.zeros(indices.numel()))
+
+    def forward(self) -> torch.Tensor:
+        flat = self.values.new_zeros(self.shape[0] * self.shape[1])
+        return flat.index_put((self.indices,), self.values).view(self.shape)
+
+
+class ScaledSum(nn.Module):
+    """ΔW = scale · Σ children's ΔW: one scale shared by several update forms.
+
+    DSEE's update is ``(α/r)·(B·A + S2)``: ``ScaledSum([LowRank(..., scale=1), SparseResidual(...)],
+    α/r)`` applies α/r to the sparse part as well, as the reference code does.
+
+    Args:
+        parts: modules whose ``forward()`` returns ``[out, in]``.
+        scale: multiplies the sum.
+    """
+
+    def __init__(self, parts: list[nn.Module], scale: float = 1.0) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("ScaledSum needs at least one part")
+        self.parts = nn.ModuleList(parts)
+        self.scale = scale
+
+    def forward(self) -> torch.Tensor:
+        total = self.parts[0]()
+        for part in self.parts[1:]:
+            total = total + part()
+        return self.scale * total
+
+
 class RowBlocks(nn.Module):
     """Stack per-block modules along the output rows: one module per matrix of a fused layer.
 

@@ -123,6 +123,11 @@ class SparsityStrategy(Callback):
         """An extra training loss the method needs (e.g. a penalty on scores), or None."""
         return None
 
+    @property
+    def structured(self) -> bool:
+        """Whether the masks remove whole heads or FFN channels, so export can shrink the model."""
+        return False
+
     def needs_update(self, sparsity: float) -> bool:
         """Whether masks must be recomputed for this step's target sparsity."""
         return sparsity != self.applied_sparsity
