@@ -22,6 +22,10 @@ SETTINGS: dict[str, dict] = {
     "magnitude": dict(sparsity=0.6, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
     "pst": dict(sparsity=0.8, learning_rate=1e-2, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
     "movement": dict(sparsity=0.7, schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)),
+    # DSEE prunes in one shot by default; a cubic ramp puts the mid-run checkpoint after the stage
+    # boundary (optimizer restarted at step 3) and mid-schedule. The one-shot boundary is in test_dsee.py.
+    "dsee": dict(sparsity=0.6, pattern="layer", rank=2, num_sparse=8, learning_rate=1e-2,
+                 schedule=dict(kind="cubic", initial_warmup=0.2, final_warmup=0.3)),
 }
 STEPS = 10
 STRATEGIES = sorted(available_strategies())
