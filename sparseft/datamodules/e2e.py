@@ -1,0 +1,197 @@
+"""E2E NLG for causal language models: "MR → reference" examples, beam-search generation, the
+challenge's metrics over references grouped by MR."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MetricCollection
+
+from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.e2e_metrics import E2EMetric
+
+HUB_DATASET = "tuetschek/e2e_nlg"
+HUB_COLUMNS = {"meaning_representation": "mr", "human_reference": "ref"}
+FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
+EVAL_COLUMNS = ["input_ids", "attention_mask", "example_index"]
+
+
+def read_e2e_csv(path: Path) -> dict[str, list[str]]:
+    """The ``mr`` and ``ref`` columns of an E2E CSV file (original release format).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: no ``mr`` / ``ref`` header, or a record with another number of fields or an
+            empty field (the message names the file, the record and its line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"E2E: no file {path}")
+    rows: dict[str, list[str]] = {"mr": [], "ref": []}
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = [field.strip().lower() for field in next(reader, [])]
+        if "mr" not in header or "ref" not in header:
+            raise ValueError(f"{path}: expected a header with columns 'mr' and 'ref', found {header}")
+        mr_column, ref_column = header.index("mr"), header.index("ref")
+        for record, fields in enumerate(reader, start=1):
+            where = f"{path}: record {record} (line {reader.line_num})"
+            if len(fields) != len(header):
+                raise ValueError(f"{where}: {len(fields)} fields, expected {len(header)} ({fields!r})")
+            if not fields[mr_column].strip() or not fields[ref_column].strip():
+                raise ValueError(f"{where}: empty 'mr' or 'ref' field")
+            rows["mr"].append(fields[mr_column])
+            rows["ref"].append(fields[ref_column])
+    return rows
+
+
+def group_references(rows: dict[str, list[str]]) -> dict[str, list]:
+    """One row per distinct MR (in order of first appearance) with all of its references."""
+    grouped: dict[str, list[str]] = {}
+    for mr, ref in zip(rows["mr"], rows["ref"]):
+        grouped.setdefault(mr, []).append(ref)
+    return {"mr": list(grouped), "references": list(grouped.values())}
+
+
+def pad_sequences(sequences: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    """Stack 1-D tensors into a ``[batch, longest]`` tensor, padding on the left or the right."""
+    width = max(len(sequence) for sequence in sequences)
+    padded = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if left:
+            padded[row, width - len(sequence) :] = sequence
+        else:
+            padded[row, : len(sequence)] = sequence
+    return padded
+
+
+class E2EDataModule(TextDataModule):
+    """The E2E NLG challenge (restaurant MRs → texts) for causal LMs such as GPT-2.
+
+    A training example is the MR's tokens, the tokenizer's EOS as separator, then " " and the
+    reference's tokens and EOS (the LoRA / PST GPT-2 E2E format); the loss covers only the
+    reference and its EOS (prompt labels are -100). Training batches are padded on the right.
+    Evaluation has one example per distinct MR with all its references; the prompt (MR and
+    separator, padded on the left) is completed by beam search, and the output, up to the
+    first EOS, is scored against the references with BLEU, NIST, METEOR, ROUGE-L and CIDEr
+    (see :mod:`sparseft.datamodules.e2e_metrics`). ``validation`` is the dev set; ``test``
+    the challenge test set with references.
+
+    ``data_dir`` holds the original ``trainset.csv``, ``devset.csv`` and
+    ``testset_w_refs.csv``; without it the data comes from the hub (``tuetschek/e2e_nlg``).
+
+    Args:
+        num_beams: beam size of generation.
+        length_penalty: beam-search length penalty (exponent of the length normaliser).
+        no_repeat_ngram_size: no n-gram of this size appears twice in an output (0: off).
+        max_new_tokens: longest generated output, in tokens.
+        with_meteor: report METEOR (needs ``pycocoevalcap`` and Java; skipped without them).
+        **kwargs: the :class:`TextDataModule` arguments (``max_length`` bounds prompt plus
+            reference in training, default 128 here).
+    """
+
+    task_type = "causal-lm"
+
+    def __init__(
+        self,
+        num_beams: int = 10,
+        length_penalty: float = 0.8,
+        no_repeat_ngram_size: int = 4,
+        max_new_tokens: int = 64,
+        with_meteor: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("max_length", 128)
+        super().__init__(**kwargs)
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.no_repeat_ngram_size, self.max_new_tokens = no_repeat_ngram_size, max_new_tokens
+        self.with_meteor = with_meteor
+
+    def split_names(self, split: str) -> list[str]:
+        return [split]
+
+    def load_split(self, name: str) -> datasets.Dataset:
+        if self.data_dir:
+            return datasets.Dataset.from_dict(read_e2e_csv(Path(self.data_dir) / FILES[name]))
+        dataset = datasets.load_dataset(HUB_DATASET, split=name)
+        return dataset.rename_columns(HUB_COLUMNS).select_columns(["mr", "ref"])
+
+    def _prepare(self, name: str, split: str) -> datasets.Dataset:
+        if split == "train":
+            return super()._prepare(name, split)
+        grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
+        encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
+        return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
+
+    @property
+    def eos_id(self) -> int:
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"E2E: tokenizer {self.tokenizer_name!r} has no EOS token to end MRs and outputs with")
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: the tokenizer's, or EOS (GPT-2 has none); attention masks hide it."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    def _prompts(self, mrs: list[str]) -> list[list[int]]:
+        prompts = [ids + [self.eos_id] for ids in self.tokenizer(mrs)["input_ids"]]
+        longest = max(map(len, prompts))
+        if longest >= self.max_length:
+            raise ValueError(
+                f"E2E: an MR of {longest} tokens leaves no room for its reference within max_length "
+                f"{self.max_length}: raise data.max_length"
+            )
+        return prompts
+
+    def encode(self, examples: dict[str, list]) -> dict[str, list]:
+        """Prompt + reference tokens; labels only on the reference and its EOS."""
+        targets = self.tokenizer([" " + ref for ref in examples["ref"]], add_special_tokens=False)["input_ids"]
+        input_ids, labels = [], []
+        for prompt, target in zip(self._prompts(examples["mr"]), targets):
+            target = target + [self.eos_id]
+            input_ids.append((prompt + target)[: self.max_length])
+            labels.append(([-100] * len(prompt) + target)[: self.max_length])
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+
+    def encode_eval(self, examples: dict[str, list], indices: list[int]) -> dict[str, list]:
+        """Prompts of the distinct MRs, with their index (the references stay as a column)."""
+        prompts = self._prompts(examples["mr"])
+        return {"input_ids": prompts, "attention_mask": [[1] * len(ids) for ids in prompts], "example_index": indices}
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Right padding for training (labels -100), left padding for generation."""
+        left = "labels" not in features[0]
+        batch: dict[str, Any] = {
+            "input_ids": pad_sequences([f["input_ids"] for f in features], self.pad_id, left),
+            "attention_mask": pad_sequences([f["attention_mask"] for f in features], 0, left),
+        }
+        if left:
+            batch["example_index"] = torch.stack([f["example_index"] for f in features])
+            batch["references"] = [f["references"] for f in features]
+        else:
+            batch["labels"] = pad_sequences([f["labels"] for f in features], -100, left=False)
+        return batch
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({"e2e": E2EMetric(self.with_meteor)})
+
+    def generate(self, model: Any, batch: dict[str, Any]) -> list[str]:
+        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS."""
+        output = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=self.num_beams,
+            length_penalty=self.length_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def metric_inputs(self, outputs: Any, batch: dict[str, Any], module: LightningModule) -> tuple[Any, ...] | None:
+        if "references" not in batch:
+            return None
+        return batch["example_index"], self.generate(module.model, batch), batch["references"]
