@@ -77,15 +77,12 @@ def lowest_k_by_sort(flat: torch.Tensor, k: int) -> torch.Tensor:
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (same shape) of the ``k`` smallest scores, ties broken by flat index."""
     flat = scores.detach().flatten()
-    prune = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0:
-        return prune.view_as(scores)
-    if k >= flat.numel():
-        return ~prune.view_as(scores)
+    if k <= 0 or k >= flat.numel():
+        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
     if flat.is_cuda:
         return lowest_k_by_sort(flat, k).view_as(scores)
     threshold = kth_smallest(flat, k)
-    prune |= flat < threshold
+    prune = flat < threshold
     still_needed = k - int(prune.sum())
     at_threshold = flat == threshold
     if int(at_threshold.sum()) == still_needed:  # no tie to break: skip the cumulative sum
