@@ -3,8 +3,8 @@ import torch
 
 from sparseft.sparse.masks import (
     global_topk_masks,
-    lowest_k,
-    lowest_k_by_sort,
+    keep_highest,
+    keep_highest_by_sort,
     nm_mask,
     pruned_count,
     topk_mask,
@@ -28,8 +28,8 @@ def test_topk_breaks_ties_by_index_and_keeps_the_count():
 
 def test_topk_ties_at_threshold_only_take_what_is_needed():
     scores = torch.tensor([3.0, 1.0, 2.0, 1.0, 1.0, 5.0])
-    prune = lowest_k(scores, 2)
-    assert prune.tolist() == [False, True, False, True, False, False]
+    keep = keep_highest(scores, 2)
+    assert keep.tolist() == [True, False, True, False, True, True]
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_topk_row_blocks_prune_each_fused_matrix_separately():
         topk_mask(torch.ones(4, 2), 0.5, row_blocks=3)
 
 
-@pytest.mark.parametrize("kind", ["normal", "integers", "half_zeros"])
+@pytest.mark.parametrize("kind", ["normal", "integers", "half_zeros", "constant"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.97])
 def test_fast_selection_equals_a_stable_sort_on_large_matrices(kind, sparsity):
     generator = torch.Generator().manual_seed(7)
@@ -93,14 +93,14 @@ def test_fast_selection_equals_a_stable_sort_on_large_matrices(kind, sparsity):
         "normal": torch.randn(shape, generator=generator),
         "integers": torch.randint(0, 50, shape, generator=generator).float(),  # heavy ties
         "half_zeros": torch.randn(shape, generator=generator).abs() * torch.randint(0, 2, shape, generator=generator),
+        "constant": torch.full(shape, 0.25),
     }[kind]
     k = pruned_count(scores.numel(), sparsity)
     order = torch.sort(scores.flatten(), stable=True).indices
-    expected = torch.zeros(scores.numel(), dtype=torch.bool)
-    expected[order[:k]] = True
-    assert torch.equal(lowest_k(scores, k), expected.view(shape))
-    assert torch.equal(lowest_k_by_sort(scores.flatten(), k), expected)  # the GPU path, run on the CPU
-    assert int(lowest_k(scores, k).sum()) == k
+    expected = torch.ones(scores.numel(), dtype=torch.bool)
+    expected[order[:k]] = False
+    assert torch.equal(keep_highest(scores, k), expected.view(shape))
+    assert torch.equal(keep_highest_by_sort(scores.flatten(), k), expected)  # the GPU path, run on the CPU
 
 
 @pytest.mark.gpu
@@ -110,7 +110,7 @@ def test_gpu_selection_gives_the_cpu_mask(sparsity):
     generator = torch.Generator().manual_seed(3)
     scores = torch.randint(0, 1000, (1536, 384), generator=generator).float()  # many ties
     k = pruned_count(scores.numel(), sparsity)
-    assert torch.equal(lowest_k(scores.cuda(), k).cpu(), lowest_k(scores, k))
+    assert torch.equal(keep_highest(scores.cuda(), k).cpu(), keep_highest(scores, k))
     on_gpu = global_topk_masks([scores.cuda(), scores[:384].cuda()], sparsity)
     on_cpu = global_topk_masks([scores, scores[:384]], sparsity)
     assert all(torch.equal(gpu.cpu(), cpu) for gpu, cpu in zip(on_gpu, on_cpu, strict=True))

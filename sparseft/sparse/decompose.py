@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from sparseft.sparse.masks import lowest_k
+from sparseft.sparse.masks import keep_highest
 
 SupportMethod = Literal["grebsmo", "magnitude", "random"]
 
@@ -31,7 +31,7 @@ class Decomposition:
 
 def keep_largest(matrix: torch.Tensor, count: int) -> torch.Tensor:
     """``matrix`` with all but its ``count`` largest-magnitude entries set to zero (ties by index)."""
-    return matrix * ~lowest_k(matrix.abs(), matrix.numel() - count)
+    return matrix * keep_highest(matrix.abs(), matrix.numel() - count)
 
 
 @torch.no_grad()
@@ -122,5 +122,5 @@ def sparse_support(
         scores = grebsmo(weight, rank, cardinality=count, generator=generator).sparse.abs()
     else:
         raise ValueError(f"unknown support method {method!r}; use grebsmo, magnitude or random")
-    keep = ~lowest_k(scores, numel - count)
+    keep = keep_highest(scores, numel - count)
     return keep.flatten().nonzero().flatten()

@@ -16,6 +16,7 @@ no host synchronisation. Both give the same mask.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,56 +40,67 @@ def pruned_count(numel: int, sparsity: float) -> int:
 _SAMPLE = 8192
 
 
-def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact ``k``-th smallest value (1-based) of a 1-D tensor, faster than ``kthvalue`` on it.
+@functools.lru_cache(maxsize=32)
+def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
+    """Fixed random positions (seeded by ``numel``) to sample a score matrix of that size."""
+    generator = torch.Generator(device=device).manual_seed(numel)
+    return torch.randint(numel, (_SAMPLE,), generator=generator, device=device)
 
-    A random sample brackets the k/n quantile; one comparison pass counts the values below the
-    bracket, and ``kthvalue`` runs only on the few values inside it. If the bracket misses (rare,
-    or many ties), the full ``kthvalue`` answers. Either way the result is exact, so the sample
-    (fixed seed) never changes a mask.
+
+def kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The exact ``k``-th smallest value (1-based) of a 1-D tensor, and how many values are ``<=`` it.
+
+    Faster than ``kthvalue`` on the whole tensor: a fixed random sample brackets the k/n
+    quantile (two ``kthvalue`` calls on the sample); one comparison pass counts the values
+    below the bracket, a second finds those inside it, and ``kthvalue`` runs only on those
+    few. The count (``k`` unless the k-th value is tied) comes from the same passes. If the
+    bracket misses (rare, or many ties), the full ``kthvalue`` answers. Either way the result
+    is exact, so the sample never changes a mask.
     """
     numel = flat.numel()
-    if numel <= 8 * _SAMPLE:
-        return flat.kthvalue(k).values
-    generator = torch.Generator(device=flat.device).manual_seed(numel)
-    sample = flat[torch.randint(numel, (_SAMPLE,), generator=generator, device=flat.device)].float()
-    quantile = k / numel
-    margin = 5.0 * math.sqrt(quantile * (1 - quantile) / _SAMPLE) + 2.0 / _SAMPLE
-    low, high = torch.quantile(sample, torch.tensor([max(0.0, quantile - margin), min(1.0, quantile + margin)],
-                                                    device=flat.device)).to(flat.dtype)
-    rank = k - int((flat < low).sum())
-    band = flat[(flat >= low) & (flat <= high)]
-    if 1 <= rank <= band.numel():
-        return band.kthvalue(rank).values
-    return flat.kthvalue(k).values
+    if numel > 8 * _SAMPLE:
+        sample = flat[_sample_positions(numel, flat.device)]
+        quantile = k / numel
+        margin = 5.0 * math.sqrt(quantile * (1 - quantile) / _SAMPLE) + 2.0 / _SAMPLE
+        low = sample.kthvalue(max(1, math.floor((quantile - margin) * _SAMPLE))).values
+        high = sample.kthvalue(min(_SAMPLE, math.ceil((quantile + margin) * _SAMPLE))).values
+        in_band = flat >= low
+        below = numel - int(in_band.count_nonzero())
+        in_band &= flat <= high
+        band = flat[in_band]
+        if 1 <= k - below <= band.numel():
+            value = band.kthvalue(k - below).values
+            return value, below + int((band <= value).count_nonzero())
+    value = flat.kthvalue(k).values
+    return value, int((flat <= value).count_nonzero())
 
 
-def lowest_k_by_sort(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` smallest entries of a 1-D tensor by one stable sort (the GPU path).
+def keep_highest_by_sort(flat: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Keep-mask of a 1-D tensor dropping its ``pruned`` lowest entries, by one stable sort (the GPU path).
 
     A stable sort keeps equal scores in index order, so ties are broken by flat index exactly
-    as :func:`lowest_k` does on the CPU.
+    as :func:`keep_highest` does on the CPU.
     """
-    prune = torch.zeros_like(flat, dtype=torch.bool)
-    prune[torch.sort(flat, stable=True).indices[:k]] = True
-    return prune
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:pruned]] = False
+    return keep
 
 
-def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (same shape) of the ``k`` smallest scores, ties broken by flat index."""
+def keep_highest(scores: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Keep-mask (same shape) dropping the ``pruned`` lowest scores; among equal scores the
+    lower flat index is dropped first."""
     flat = scores.detach().flatten()
-    if k <= 0 or k >= flat.numel():
-        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
+    numel = flat.numel()
+    if pruned <= 0 or pruned >= numel:
+        return torch.full(scores.shape, pruned <= 0, dtype=torch.bool, device=scores.device)
     if flat.is_cuda:
-        return lowest_k_by_sort(flat, k).view_as(scores)
-    threshold = kth_smallest(flat, k)
-    prune = flat < threshold
-    still_needed = k - int(prune.sum())
-    at_threshold = flat == threshold
-    if int(at_threshold.sum()) == still_needed:  # no tie to break: skip the cumulative sum
-        return (prune | at_threshold).view_as(scores)
-    prune |= at_threshold & (at_threshold.cumsum(0) <= still_needed)
-    return prune.view_as(scores)
+        return keep_highest_by_sort(flat, pruned).view_as(scores)
+    threshold, at_most = kth_smallest(flat, pruned)
+    keep = flat > threshold
+    if at_most > pruned:  # the threshold is tied: keep the highest-indexed of its copies
+        tied = flat == threshold
+        keep |= tied & (tied.cumsum(0) > int(tied.count_nonzero()) - (at_most - pruned))
+    return keep.view_as(scores)
 
 
 def topk_mask(scores: torch.Tensor, sparsity: float, row_blocks: int = 1) -> torch.Tensor:
@@ -98,7 +110,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float, row_blocks: int = 1) -> tor
     fused projection such as GPT-2's ``c_attn`` (``[q; k; v]``) is pruned as three matrices.
     """
     if row_blocks == 1:
-        return ~lowest_k(scores, pruned_count(scores.numel(), sparsity))
+        return keep_highest(scores, pruned_count(scores.numel(), sparsity))
     if scores.shape[0] % row_blocks:
         raise ValueError(f"cannot split {scores.shape[0]} rows into {row_blocks} equal blocks")
     return torch.cat([topk_mask(block, sparsity) for block in scores.chunk(row_blocks, dim=0)])
@@ -123,7 +135,7 @@ def threshold_mask(scores: torch.Tensor, threshold: float, min_keep_fraction: fl
     keep = scores.detach() > threshold
     floor = int(min_keep_fraction * scores.numel()) + 1
     if int(keep.sum()) < floor:
-        return ~lowest_k(scores, scores.numel() - floor)
+        return keep_highest(scores, scores.numel() - floor)
     return keep
 
 

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from sparseft.sparse.layers import LinearLayer, head_size
-from sparseft.sparse.masks import lowest_k
 
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 FFN_ROLES = ("ffn_in", "ffn_out")
@@ -114,11 +113,6 @@ def channel_scores(ffn_in: list[torch.Tensor], ffn_out: torch.Tensor) -> torch.T
     """
     into = torch.stack([weight.detach().abs().sum(1).float() for weight in ffn_in]).sum(0)
     return into * ffn_out.detach().abs().sum(0).float()
-
-
-def keep_highest(scores: torch.Tensor, pruned: int) -> torch.Tensor:
-    """Keep-mask over units that drops the ``pruned`` lowest scores (ties: lower index dropped)."""
-    return ~lowest_k(scores, pruned)
 
 
 def row_mask(keep_rows: torch.Tensor, in_features: int) -> torch.Tensor:

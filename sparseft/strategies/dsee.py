@@ -14,7 +14,7 @@ from sparseft.sparse.decompose import SupportMethod, sparse_support
 from sparseft.sparse.deltas import LowRank, RowBlocks, ScaledSum, SparseResidual
 from sparseft.sparse.freezing import freeze_backbone_
 from sparseft.sparse.layers import LinearLayer, find_linear_layers
-from sparseft.sparse.masks import pruned_count
+from sparseft.sparse.masks import keep_highest, pruned_count
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
@@ -28,7 +28,6 @@ from sparseft.sparse.structured import (
     group_blocks,
     head_masks,
     head_scores,
-    keep_highest,
     split_qkv,
 )
 from sparseft.sparse.targets import TargetSpec, select_targets
