@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import inspect
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
 
 from sparseft.module import SparseFTModule
 from sparseft.sparse.masks import pruned_count
@@ -58,8 +60,8 @@ def fit(strategy: SparsityStrategy, tmp_path: Path, max_steps: int, ckpt_path: s
     torch.manual_seed(0)
     module = make_module()
     trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=kwargs.pop("logger", False),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
         limit_val_batches=0, callbacks=[strategy, *kwargs.pop("callbacks", [])], **kwargs,
     )
     # 4 batches per epoch: the mid-run checkpoint below falls on an epoch boundary, since Lightning
@@ -86,6 +88,21 @@ def test_reaches_target_exactly_and_pruned_stay_zero(name, tmp_path):
         assert pruned == pruned_count(sparse.mask.numel(), strategy.final_sparsity), sparse.name
         assert int((sparse.layer.weight() == 0).sum()) >= pruned
     assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_logs_every_layers_sparsity_when_the_logger_writes(name, tmp_path):
+    strategy = make_strategy(name)
+    fit(strategy, tmp_path, 4, logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=2)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    columns = {f"sparsity/layer/{sparse.name}" for sparse in strategy.layers}
+    assert columns <= set(rows[0]) and {"sparsity/actual", "sparsity/target"} <= set(rows[0])
+    logged = [row for row in rows if row[next(iter(columns))]]
+    assert [int(row["step"]) for row in logged] == [1, 3]  # every log_every_n_steps, not every step
+    last = logged[-1]
+    for sparse in strategy.layers:
+        assert float(last[f"sparsity/layer/{sparse.name}"]) == pytest.approx(1 - sparse.mask.float().mean().item())
 
 
 class SaveAt(Callback):

@@ -9,8 +9,10 @@ from torch import nn
 
 from sparseft.backbone import load_backbone
 from sparseft.module import SparseFTModule
-from sparseft.sparse.masks import pruned_count
+from sparseft.sparse.masks import pruned_count, topk_mask
+from sparseft.sparse.prune import prune_on_next_forward_
 from sparseft.sparse.report import count_parameters
+from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.strategies import PST
 from sparseft.testing import SyntheticClassificationData, tiny_config
 
@@ -57,14 +59,19 @@ def test_mask_prunes_exactly_int_numel_times_sparsity_lowest_scores():
     assert int((~strategy.layers[0].mask).sum()) == pruned_count(6, 0.5) == 3
 
 
-def test_every_gradient_path():
+@pytest.mark.parametrize("masks_from", ["update_masks", "the forward's scores"])
+def test_every_gradient_path(masks_from):
     model, strategy = one_layer()
-    strategy.update_masks(0.5)
+    if masks_from == "update_masks":
+        strategy.update_masks(0.5)
+    else:
+        prune_on_next_forward_(strategy.layers, 0.5)
     layer = strategy.layers[0]
-    mask = layer.mask.float()
     x = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0]])
     upstream = torch.tensor([[1.0, -1.0], [2.0, 0.5]])  # dL/dy
     (model(x) * upstream).sum().backward()
+    assert layer.mask.tolist() == [[True, True, False], [False, True, False]]  # by hand, test above
+    mask = layer.mask.float()
     grad_w_prime = upstream.t() @ x                      # dL/dW' for y = x W'^T
     w_eff = W0 + BETA * U @ V
     g = grad_w_prime * w_eff                             # STE: dL/dS = dL/dW' * W_eff, no mask gating
@@ -111,6 +118,7 @@ def test_gpt2_prunes_q_k_v_as_three_matrices_and_trains_only_the_factors(tmp_pat
     trainer.fit(module, SyntheticClassificationData(size=32))
     c_attn = strategy.layers[0]
     assert c_attn.layer.role == "qkv" and len(c_attn.param.delta.blocks) == 3
+    assert c_attn.param.score.magnitude_term  # the |W_eff| gradient comes from the mask for all three
     for block in c_attn.mask.chunk(3):  # each of q, k, v exactly 75% sparse
         assert int((~block).sum()) == pruned_count(block.numel(), 0.75)
     assert torch.equal(c_attn.stored_weight, w0)  # W0 never changes
@@ -118,3 +126,46 @@ def test_gpt2_prunes_q_k_v_as_three_matrices_and_trains_only_the_factors(tmp_pat
     per_block = 17 * (3 * 64 + 64 + 160 + 160)
     head = module.model.score.weight.numel()
     assert count_parameters(module)[0] == 2 * per_block + head
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_next_forward_sets_the_masks_prune_would_set_from_the_same_scores(grad_enabled):
+    """GPT-2: a transposed Conv1D and a fused qkv ranked as three matrices."""
+    torch.manual_seed(0)
+    model = load_backbone("sequence-classification", config=tiny_config("gpt2", pad_token_id=0), num_labels=2)
+    strategy = PST(sparsity=0.6)
+    strategy.attach(model)
+    for parameter in strategy.factors():  # scores that are not pure magnitude
+        torch.nn.init.normal_(parameter, std=0.05)
+    expected = [topk_mask(s, 0.6, layer.row_blocks) for s, layer in zip(strategy.compute_scores(), strategy.layers)]
+    prune_on_next_forward_(strategy.layers, 0.6)
+    assert all(layer.mask.all() for layer in strategy.layers)  # nothing changes before the forward
+    with torch.set_grad_enabled(grad_enabled):  # no gradient: e.g. the first pass of activation checkpointing
+        model(input_ids=torch.randint(0, 400, (2, 6)))
+    for layer, keep in zip(strategy.layers, expected, strict=True):
+        assert torch.equal(layer.mask, keep), layer.name
+        assert layer.param.mask_from_scores is None  # applied once, not at every forward
+
+
+class PSTWithSeparateScores(PST):
+    """PST with the generic mask update: scores computed again, without autograd, before the forward."""
+
+    masks_from_forward_scores = False
+
+
+def test_masks_from_the_forward_train_exactly_like_a_separate_mask_update(tmp_path):
+    runs = {}
+    for strategy_class in (PST, PSTWithSeparateScores):
+        torch.manual_seed(0)
+        module = SparseFTModule(config=tiny_config("bert"), num_labels=2, learning_rate=1e-2)
+        strategy = strategy_class(sparsity=0.8, schedule=SparsitySchedule(initial_warmup=0.2, final_warmup=0.2))
+        trainer = Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, callbacks=[strategy],
+                          default_root_dir=tmp_path)
+        trainer.fit(module, SyntheticClassificationData(size=48))
+        runs[strategy_class] = (module.model.state_dict(), strategy.measured_sparsity())
+    (fused, fused_sparsity), (separate, separate_sparsity) = runs.values()
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        assert torch.equal(fused[name], separate[name]), name
+    assert fused_sparsity == separate_sparsity == pytest.approx(0.8, abs=0.01)

@@ -5,6 +5,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sparseft.backbone import load_backbone
 from sparseft.sparse import merge_, prune_, select_targets, sparsify
+from sparseft.sparse.deltas import LowRank, RowBlocks
 from sparseft.sparse.layers import LinearLayer, find_linear_layers
 from sparseft.sparse.parametrize import SparseWeight, attach
 from sparseft.sparse.targets import describe_targets
@@ -115,6 +116,22 @@ def test_straight_through_score_gets_grad_times_weight():
     expected = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]) * linear.parametrizations.weight.original
     assert torch.equal(sparse.param.score.s.grad, expected)
     assert isinstance(sparse.param, SparseWeight)
+
+
+def test_fused_updates_equal_weight_plus_delta():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4)
+    low_rank = LowRank((6, 4), rank=2, scale=0.5, left_std=1.0, right_std=1.0)
+    blocks = RowBlocks([LowRank((2, 4), rank=1, scale=2.0, left_std=1.0, right_std=1.0) for _ in range(3)])
+    for delta in (low_rank, blocks):
+        assert torch.allclose(delta.added_to(weight), weight + delta())
+        assert torch.allclose(delta.added_to(weight.t().contiguous().t()), weight + delta())  # a Conv1D view
+
+
+def test_mask_from_forward_scores_needs_a_score_module():
+    sparse = attach(LinearLayer("l", nn.Linear(3, 2), None, None))
+    with pytest.raises(ValueError, match="score module"):
+        sparse.param.refresh_mask_on_forward(lambda scores: scores > 0)
 
 
 def test_attaching_twice_is_refused():

@@ -1,4 +1,10 @@
-"""Weight-shaped updates ΔW for ``W_eff = M ⊙ (W0 + ΔW)``: modules whose ``forward()`` returns ``[out, in]``."""
+"""Weight-shaped updates ΔW for ``W_eff = M ⊙ (W0 + ΔW)``: modules whose ``forward()`` returns ``[out, in]``.
+
+Any such module works as a delta. Subclassing :class:`WeightDelta` adds ``added_to(W0)``,
+which an update may override to form ``W0 + ΔW`` without a separate full-size ΔW: a low-rank
+update is then one ``addmm``. The parametrization recomputes ``W0 + ΔW`` at every forward, so
+on a CPU, where these full-size passes are not hidden behind matmuls, this is a real part of the step.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,14 @@ import torch
 from torch import nn
 
 
-class LowRank(nn.Module):
+class WeightDelta(nn.Module):
+    """Base of the update modules: ``forward()`` returns ΔW, ``added_to(weight)`` returns ``weight + ΔW``."""
+
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self()
+
+
+class LowRank(WeightDelta):
     """ΔW = scale · L · R with ``L: [out, rank]`` and ``R: [rank, in]`` (LoRA, PST's U·V).
 
     One factor starts at zero so that ΔW = 0 and training starts from the pre-trained model.
@@ -36,12 +49,16 @@ class LowRank(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.scale * (self.left @ self.right)
 
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + scale·L·R`` in one pass over the matrix (``addmm``)."""
+        return torch.addmm(weight, self.left, self.right, alpha=self.scale)
+
 
 def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
     return torch.zeros(shape) if std is None else torch.randn(shape) * std
 
 
-class SparseResidual(nn.Module):
+class SparseResidual(WeightDelta):
     """ΔW with trainable values on a fixed set Ω of positions, zero elsewhere (DSEE's S2).
 
     Only ``len(Ω)`` values are stored and trained: ``ΔW.flatten()[Ω] = values``. Ω (``indices``,
@@ -69,7 +86,7 @@ class SparseResidual(nn.Module):
         return flat.index_put((self.indices,), self.values).view(self.shape)
 
 
-class ScaledSum(nn.Module):
+class ScaledSum(WeightDelta):
     """ΔW = scale · Σ children's ΔW: one scale shared by several update forms.
 
     DSEE's update is ``(α/r)·(B·A + S2)``: ``ScaledSum([LowRank(..., scale=1), SparseResidual(...)],
@@ -94,7 +111,7 @@ class ScaledSum(nn.Module):
         return self.scale * total
 
 
-class RowBlocks(nn.Module):
+class RowBlocks(WeightDelta):
     """Stack per-block modules along the output rows: one module per matrix of a fused layer.
 
     GPT-2's ``c_attn`` holds ``[q; k; v]``; methods defined per matrix (a LoRA pair, scores)
@@ -111,3 +128,22 @@ class RowBlocks(nn.Module):
             return torch.cat([block() for block in self.blocks])
         chunks = weight.chunk(len(self.blocks))
         return torch.cat([block(chunk) for block, chunk in zip(self.blocks, chunks, strict=True)])
+
+    @property
+    def magnitude_term(self) -> bool:
+        """Scores per block: the blocks' ``|W|`` terms leave their gradient to the mask (see parametrize)."""
+        return all(getattr(block, "magnitude_term", False) for block in self.blocks)
+
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + ΔW`` block by block, each child's own ``added_to`` on its row block."""
+        chunks = weight.chunk(len(self.blocks))
+        return torch.cat([_added(block, chunk) for block, chunk in zip(self.blocks, chunks, strict=True)])
+
+
+def _added(delta: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    return delta.added_to(weight) if isinstance(delta, WeightDelta) else weight + delta()
+
+
+def add_delta(weight: torch.Tensor, delta: nn.Module | None) -> torch.Tensor:
+    """``weight + ΔW`` for any delta module (fused where it is a :class:`WeightDelta`); ``weight`` if None."""
+    return weight if delta is None else _added(delta, weight)

@@ -16,12 +16,20 @@ class PSTImportance(nn.Module):
     ``∂L/∂S = (∂L/∂W') ⊙ W_eff``: A·B receives α1 times it, R and C α2 times its row and
     column sums.
 
+    ``|W_eff|`` is computed without autograd (``magnitude_term``): the straight-through mask
+    adds its gradient into ``W_eff`` itself, ``sgn(W_eff) ⊙ ∂L/∂S = (∂L/∂W') ⊙ |W_eff|``, so
+    the step needs no sign, product and sum temporaries of full size. Use the module inside
+    that mask (as :class:`~sparseft.sparse.parametrize.SparseWeight` does) for gradients
+    into ``W_eff``; the parameters A, B, R and C get theirs from autograd either way.
+
     Args:
         shape: ``(out_features, in_features)``.
         rank: ``r_m``, the rank of ``A·B``.
         alpha1: weight of the low-rank part.
         alpha2: weight of the row and column part.
     """
+
+    magnitude_term = True
 
     def __init__(self, shape: tuple[int, int], rank: int = 8, alpha1: float = 1.0, alpha2: float = 1.0) -> None:
         super().__init__()
@@ -33,5 +41,10 @@ class PSTImportance(nn.Module):
         self.C = nn.Parameter(torch.zeros(in_features))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        structured = self.R.unsqueeze(1) + self.C.unsqueeze(0)
-        return weight.abs() + self.alpha1 * (self.A @ self.B) + self.alpha2 * structured
+        """The score in one full-size buffer: the data-driven part is the rank-``(r+2)`` product
+        ``[α1·A, α2·R, α2·1] · [B; 1ᵀ; Cᵀ]``, added to ``|W_eff|`` in place by ``addmm_``."""
+        ones_column = self.R.new_ones(self.R.shape[0], 1)
+        ones_row = self.C.new_ones(1, self.C.shape[0])
+        left = torch.cat([self.alpha1 * self.A, self.alpha2 * self.R.unsqueeze(1), self.alpha2 * ones_column], dim=1)
+        right = torch.cat([self.B, ones_row, self.C.unsqueeze(0)], dim=0)
+        return weight.detach().abs().addmm_(left, right)

@@ -16,17 +16,25 @@ Two pluggable pieces, both optional ``nn.Module``s:
 * ``score(w)`` returns importance scores given the dense ``W0 + ΔW``. When present, the mask
   is a straight-through estimator (:class:`StraightThroughMask`): its value is exactly ``M``
   but ``∂L/∂S = ∂L/∂W' ⊙ W`` (movement pruning, PST). Without it the mask is a
-  constant and pruned weights get exactly zero gradient.
+  constant and pruned weights get exactly zero gradient. A score of the form
+  ``|W| + f(θ)`` (PST) may set ``magnitude_term = True`` and compute ``|W|`` without
+  autograd: the mask then adds that term's gradient ``sgn(W) ⊙ ∂L/∂S = ∂L/∂W' ⊙ |W|`` itself,
+  one full-size temporary instead of four.
+
+Masking is ``where(M, W, 0)``: no float copy of the mask per step, and a pruned weight that
+is inf or NaN contributes 0, not NaN.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparseft.sparse.deltas import add_delta
 from sparseft.sparse.layers import LinearLayer, as_out_in, find_linear_layers
 
 
@@ -52,18 +60,38 @@ class SparseWeight(nn.Module):
         self.delta = delta
         self.score = score
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self.mask_from_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def dense(self, stored: torch.Tensor) -> torch.Tensor:
         """``W0 + ΔW`` as ``[out, in]``, before masking."""
-        weight = as_out_in(stored, self.transposed)
-        return weight if self.delta is None else weight + self.delta()
+        return add_delta(as_out_in(stored, self.transposed), self.delta)
+
+    def refresh_mask_on_forward(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Have the next forward set the mask to ``select(scores)`` from the scores it computes.
+
+        The straight-through forward computes ``score(W0 + ΔW)`` anyway; a method whose mask is
+        a selection of exactly those scores (PST's top-k, recomputed at every step) then pays
+        for the scores once per step instead of twice. The next forward (with or without
+        gradient) applies it once; later forwards reuse the mask until the next request.
+        """
+        if self.score is None:
+            raise ValueError("only a layer with a score module can take its mask from the forward's scores")
+        self.mask_from_scores = select
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         weight = self.dense(stored)
-        if self.score is None or not torch.is_grad_enabled():  # the score only carries gradient
-            masked = weight * self.mask
+        tracking = torch.is_grad_enabled()
+        if self.score is None or not (tracking or self.mask_from_scores):  # the score only carries gradient
+            return as_out_in(torch.where(self.mask, weight, 0.0), self.transposed)
+        scores = self.score(weight)
+        if self.mask_from_scores is not None:
+            self.mask.copy_(self.mask_from_scores(scores.detach()))
+            self.mask_from_scores = None
+        if tracking:
+            magnitude_term = bool(getattr(self.score, "magnitude_term", False))
+            masked = StraightThroughMask.apply(weight, scores, self.mask, magnitude_term)
         else:
-            masked = StraightThroughMask.apply(weight, self.score(weight), self.mask)
+            masked = torch.where(self.mask, weight, 0.0)
         return as_out_in(masked, self.transposed)
 
 
@@ -71,19 +99,27 @@ class StraightThroughMask(torch.autograd.Function):
     """``W' = M ⊙ W`` whose backward treats the mask as the identity of the scores.
 
     Gives ``∂L/∂W = ∂L/∂W' ⊙ M`` and ``∂L/∂S = ∂L/∂W' ⊙ W``: the same as
-    ``W ⊙ (M + S − stop_grad(S))``, without its three full-size temporaries.
+    ``W ⊙ (M + S − stop_grad(S))``, without its three full-size temporaries. With
+    ``magnitude_term`` the scores are ``|W| + f(θ)`` computed without autograd through ``|W|``,
+    and ``∂L/∂W`` also gets that term's share, ``sgn(W) ⊙ ∂L/∂S = ∂L/∂W' ⊙ |W|`` (PST's U·V
+    learn through both ``M ⊙ W`` and ``|W|``).
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, weight: torch.Tensor, scores: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, magnitude_term: bool) -> torch.Tensor:
         ctx.save_for_backward(weight, mask)
-        return weight * mask
+        ctx.magnitude_term = magnitude_term
+        return torch.where(mask, weight, 0.0)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, mask = ctx.saved_tensors
-        return grad * mask, grad * weight, None
+        if ctx.magnitude_term:  # ∂L/∂W' ⊙ (|W| + M), in one buffer
+            grad_weight = weight.abs().mul_(grad).addcmul_(grad, mask)
+        else:
+            grad_weight = torch.where(mask, grad, 0.0)
+        return grad_weight, grad * weight, None, None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ hooks, and a researcher can call them from any training loop::
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,3 +90,17 @@ def prune_(
         masks = [topk_mask(s, sparsity, layer.row_blocks) for s, layer in zip(scores, layers, strict=True)]
     for layer, keep in zip(layers, masks, strict=True):
         layer.set_mask_(keep)
+
+
+def prune_on_next_forward_(layers: list[SparseLayer], sparsity: float) -> None:
+    """Per-layer top-k as :func:`prune_`, of the scores each layer's next forward computes.
+
+    For layers whose scores come from their score module (``score(W0 + ΔW)``, as PST): the
+    forward computes them for the straight-through gradient anyway, so the mask is taken from
+    them there instead of computing them twice. The masks are the ones ``prune_`` would set
+    from the same parameters; they change when the model next runs.
+    """
+    check_sparsity(sparsity)
+    for layer in layers:
+        select = functools.partial(topk_mask, sparsity=sparsity, row_blocks=layer.row_blocks)
+        layer.param.refresh_mask_on_forward(select)

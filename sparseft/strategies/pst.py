@@ -45,8 +45,9 @@ class PST(SparsityStrategy):
     reproduce them. Export merges ``M ⊙ (W0 + β·U·V)`` into exactly sparse plain weights.
 
     Runs on: ``setup`` (attach; freeze all but the PST factors and the head),
-    ``on_train_batch_start`` (masks from the current scores, every step once pruning starts),
-    ``on_train_end``.
+    ``on_train_batch_start`` (masks from the current scores, every step once pruning starts;
+    the training forward computes the scores once and takes the top-k from them, as the
+    reference's forward does), ``on_train_end``.
 
     Args:
         sparsity: final fraction of every target matrix removed (paper: 0.9).
@@ -63,6 +64,7 @@ class PST(SparsityStrategy):
     """
 
     freeze_base = True
+    masks_from_forward_scores = True
 
     def __init__(
         self,
