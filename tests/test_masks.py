@@ -114,3 +114,11 @@ def test_gpu_selection_gives_the_cpu_mask(sparsity):
     on_gpu = global_topk_masks([scores.cuda(), scores[:384].cuda()], sparsity)
     on_cpu = global_topk_masks([scores, scores[:384]], sparsity)
     assert all(torch.equal(gpu.cpu(), cpu) for gpu, cpu in zip(on_gpu, on_cpu, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_selection_in_other_float_types_matches_float32(dtype):
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 200, (300, 64), generator=generator).to(dtype)  # exact in every type, many ties
+    k = pruned_count(scores.numel(), 0.8)
+    assert torch.equal(keep_highest(scores, k), keep_highest(scores.float(), k))

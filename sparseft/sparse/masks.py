@@ -6,9 +6,9 @@ are ``[out, in]`` tensors, larger = more important.
 Exactness matters: ``topk_mask(s, 0.9)`` prunes exactly ``pruned_count(numel, 0.9)``
 weights, however many scores tie. Ties are broken deterministically by flat index (the
 lower index is pruned first), so every DDP rank, and every resumed run, gets the same mask.
-On the CPU, selection brackets the threshold with a sample and runs ``kthvalue`` on the values
-near it (exact, several times faster than ``kthvalue`` on the whole matrix, and far faster than
-the argsort of the reference implementations). On a GPU it is one stable radix sort: CUDA's
+On the CPU the threshold comes from NumPy's introselect (``np.partition``): on a 1536×384
+score matrix it takes 0.4 ms where torch's ``kthvalue`` takes 4-6 ms and an argsort (the
+reference implementations' method) ~50 ms. On a GPU it is one stable radix sort: CUDA's
 ``kthvalue`` on one large slice runs in a single thread block (on an H100 shared by six runs,
 magnitude pruning's steps took 0.21 s with it against 0.05 s with the sort), and the sort needs
 no host synchronisation. Both give the same mask.
@@ -16,9 +16,7 @@ no host synchronisation. Both give the same mask.
 
 from __future__ import annotations
 
-import functools
-import math
-
+import numpy as np
 import torch
 
 
@@ -37,42 +35,14 @@ def pruned_count(numel: int, sparsity: float) -> int:
     return int(numel * check_sparsity(sparsity) + 1e-6)
 
 
-_SAMPLE = 8192
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th smallest value (1-based) of a 1-D CPU tensor, as a 0-d tensor.
 
-
-@functools.lru_cache(maxsize=32)
-def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
-    """Fixed random positions (seeded by ``numel``) to sample a score matrix of that size."""
-    generator = torch.Generator(device=device).manual_seed(numel)
-    return torch.randint(numel, (_SAMPLE,), generator=generator, device=device)
-
-
-def kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The exact ``k``-th smallest value (1-based) of a 1-D tensor, and how many values are ``<=`` it.
-
-    Faster than ``kthvalue`` on the whole tensor: a fixed random sample brackets the k/n
-    quantile (two ``kthvalue`` calls on the sample); one comparison pass counts the values
-    below the bracket, a second finds those inside it, and ``kthvalue`` runs only on those
-    few. The count (``k`` unless the k-th value is tied) comes from the same passes. If the
-    bracket misses (rare, or many ties), the full ``kthvalue`` answers. Either way the result
-    is exact, so the sample never changes a mask.
+    NumPy's introselect partitions a copy; ``bfloat16`` (which NumPy lacks) is widened to
+    ``float32`` first, exactly and order-preserving.
     """
-    numel = flat.numel()
-    if numel > 8 * _SAMPLE:
-        sample = flat[_sample_positions(numel, flat.device)]
-        quantile = k / numel
-        margin = 5.0 * math.sqrt(quantile * (1 - quantile) / _SAMPLE) + 2.0 / _SAMPLE
-        low = sample.kthvalue(max(1, math.floor((quantile - margin) * _SAMPLE))).values
-        high = sample.kthvalue(min(_SAMPLE, math.ceil((quantile + margin) * _SAMPLE))).values
-        in_band = flat >= low
-        below = numel - int(in_band.count_nonzero())
-        in_band &= flat <= high
-        band = flat[in_band]
-        if 1 <= k - below <= band.numel():
-            value = band.kthvalue(k - below).values
-            return value, below + int((band <= value).count_nonzero())
-    value = flat.kthvalue(k).values
-    return value, int((flat <= value).count_nonzero())
+    values = flat.numpy() if flat.dtype in (torch.float32, torch.float64, torch.float16) else flat.float().numpy()
+    return torch.from_numpy(np.partition(values, k - 1)[k - 1 : k]).to(flat.dtype).squeeze(0)
 
 
 def keep_highest_by_sort(flat: torch.Tensor, pruned: int) -> torch.Tensor:
@@ -95,11 +65,12 @@ def keep_highest(scores: torch.Tensor, pruned: int) -> torch.Tensor:
         return torch.full(scores.shape, pruned <= 0, dtype=torch.bool, device=scores.device)
     if flat.is_cuda:
         return keep_highest_by_sort(flat, pruned).view_as(scores)
-    threshold, at_most = kth_smallest(flat, pruned)
+    threshold = kth_smallest(flat, pruned)
     keep = flat > threshold
-    if at_most > pruned:  # the threshold is tied: keep the highest-indexed of its copies
+    tied_to_keep = numel - pruned - int(keep.count_nonzero())
+    if tied_to_keep:  # the threshold value occurs more than once: keep its highest-indexed copies
         tied = flat == threshold
-        keep |= tied & (tied.cumsum(0) > int(tied.count_nonzero()) - (at_most - pruned))
+        keep |= tied & (tied.cumsum(0) > int(tied.count_nonzero()) - tied_to_keep)
     return keep.view_as(scores)
 
 
