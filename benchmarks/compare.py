@@ -3,7 +3,9 @@
 Each strategy runs in its own subprocess (so peak memory is its own) and reports dev metrics,
 trainable parameters, median optimizer-step time and peak memory; times and memory are also
 given as ratios to the dense run of the same invocation (machines here are noisy: compare
-only within one invocation). Example (the numbers in RESULTS.md come from commands like it)::
+only within one invocation). ``--repeats N`` runs the whole list N times, interleaved, and
+reports medians, with the range of each run's step-time ratio to the dense run of its own
+repetition. Example (the numbers in RESULTS.md come from commands like it)::
 
     python benchmarks/compare.py --task sst2 --data_dir ../shared/data/glue/SST-2 \\
         --steps 300 --runs dense magnitude:sparsity=0.9 --out benchmarks/results/sst2.json
@@ -171,17 +173,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--export_dir", type=Path, default=None,
                         help="export every trained model to a folder here (for benchmarks/latency.py)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole list this many times, interleaved; report medians and ratio ranges")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args, args.one)))
         return
-    results = [_in_subprocess(spec) for spec in args.runs]
-    _add_ratios(results)
-    print(format_table(results))
+    repetitions = []
+    for repetition in range(args.repeats):  # interleaved, so slow drifts of the machine hit every run alike
+        results = [_in_subprocess(spec) for spec in args.runs]
+        _add_ratios(results)
+        repetitions.append(results)
+        if args.repeats > 1:
+            print(f"repetition {repetition + 1} of {args.repeats}:\n{format_table(results)}\n", flush=True)
+    summary = repetitions[0] if args.repeats == 1 else summarise(repetitions)
+    print(format_table(summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"argv": sys.argv, "results": summary, "repetitions": repetitions}, indent=2))
 
 
 def _in_subprocess(spec: str) -> dict[str, Any]:
@@ -202,6 +212,23 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
             result["peak_memory_vs_dense"] = result["peak_memory_mb"] / dense["peak_memory_mb"]
 
 
+def summarise(repetitions: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per run: medians over repetitions of step time, memory and the per-repetition
+    ratios to dense, with the ratios' range (``step_time_vs_dense_range``)."""
+    summary = []
+    for index, first in enumerate(repetitions[0]):
+        rows = [results[index] for results in repetitions]
+        row = {**first, "repetitions": len(rows)}
+        for key in ("median_step_s", "peak_memory_mb", "step_time_vs_dense", "peak_memory_vs_dense"):
+            if key in first:
+                row[key] = statistics.median(r[key] for r in rows)
+        if "step_time_vs_dense" in first:
+            row["step_time_vs_dense_range"] = [min(r["step_time_vs_dense"] for r in rows),
+                                               max(r["step_time_vs_dense"] for r in rows)]
+        summary.append(row)
+    return summary
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     metric_names = sorted({k for r in results for k in r["metrics"] if k != "val/loss"})
     header = ["run", *metric_names, "sparsity", "trainable", "step s", "step/dense", "peak MB", "mem/dense"]
@@ -210,11 +237,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
         cells = [
             f"`{r['run']}`", *(f"{r['metrics'].get(m, float('nan')):.4f}" for m in metric_names),
             f"{r['sparsity']:.4f}", f"{r['trainable_parameters']:,}", f"{r['median_step_s']:.3f}",
-            f"{r.get('step_time_vs_dense', float('nan')):.2f}", f"{r['peak_memory_mb']:.0f}",
+            _ratio_cell(r), f"{r['peak_memory_mb']:.0f}",
             f"{r.get('peak_memory_vs_dense', float('nan')):.2f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _ratio_cell(result: dict[str, Any]) -> str:
+    ratio = f"{result.get('step_time_vs_dense', float('nan')):.2f}"
+    if "step_time_vs_dense_range" in result:
+        low, high = result["step_time_vs_dense_range"]
+        ratio += f" ({low:.2f}–{high:.2f})"
+    return ratio
 
 
 if __name__ == "__main__":
