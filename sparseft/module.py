@@ -162,9 +162,13 @@ class SparseFTModule(LightningModule):
             return []
         return [callback for callback in self.trainer.callbacks if isinstance(callback, SparsityStrategy)]
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Strategy groups first; every other trainable tensor goes to a decay or no-decay group."""
-        groups = [group for strategy in self.strategies() for group in strategy.param_groups()]
+    def param_groups(self, strategies: list[SparsityStrategy] | None = None) -> list[dict[str, Any]]:
+        """Strategy groups first; every other trainable tensor goes to a decay or no-decay group.
+
+        ``strategies`` defaults to the trainer's (a loop without a trainer passes its own).
+        """
+        strategies = self.strategies() if strategies is None else strategies
+        groups = [group for strategy in strategies for group in strategy.param_groups()]
         claimed = {id(p) for group in groups for p in group["params"]}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
         decay = [p for p in rest if p.ndim >= 2]

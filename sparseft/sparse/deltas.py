@@ -137,13 +137,11 @@ class RowBlocks(WeightDelta):
     def added_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + ΔW`` block by block, each child's own ``added_to`` on its row block."""
         chunks = weight.chunk(len(self.blocks))
-        return torch.cat([_added(block, chunk) for block, chunk in zip(self.blocks, chunks, strict=True)])
-
-
-def _added(delta: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    return delta.added_to(weight) if isinstance(delta, WeightDelta) else weight + delta()
+        return torch.cat([add_delta(chunk, block) for block, chunk in zip(self.blocks, chunks, strict=True)])
 
 
 def add_delta(weight: torch.Tensor, delta: nn.Module | None) -> torch.Tensor:
     """``weight + ΔW`` for any delta module (fused where it is a :class:`WeightDelta`); ``weight`` if None."""
-    return weight if delta is None else _added(delta, weight)
+    if delta is None:
+        return weight
+    return delta.added_to(weight) if isinstance(delta, WeightDelta) else weight + delta()

@@ -81,7 +81,7 @@ class SparseWeight(nn.Module):
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         weight = self.dense(stored)
         tracking = torch.is_grad_enabled()
-        if self.score is None or not (tracking or self.mask_from_scores):  # the score only carries gradient
+        if self.score is None or (not tracking and self.mask_from_scores is None):  # scores only carry gradient
             return as_out_in(torch.where(self.mask, weight, 0.0), self.transposed)
         scores = self.score(weight)
         if self.mask_from_scores is not None:
