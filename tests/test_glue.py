@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import warnings
 from pathlib import Path
 
 import datasets
@@ -104,6 +106,77 @@ def test_official_metrics_by_hand():
     stsb.update(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0]))
     values = stsb.compute()
     assert values["pearson"] == pytest.approx(0.8) and values["spearmanr"] == pytest.approx(0.8)
+
+
+# (preds, target, MCC by sklearn's formula: 0 when a marginal of the confusion matrix is constant)
+MCC_CASES = {
+    # tp=2 tn=1 fp=1 fn=0: (2*1 - 1*0) / sqrt(3*2*1*2) = 2/sqrt(12)
+    "mixed": ([1, 1, 0, 1], [1, 1, 0, 0], 2 / 12**0.5),
+    "all-right": ([1, 0, 1, 0], [1, 0, 1, 0], 1.0),
+    "all-wrong": ([0, 1], [1, 0], -1.0),
+    # a constant predictor: the predicted marginal is constant, so 0 (torchmetrics gave 0.2760)
+    "constant-70/30": ([1] * 10, [1] * 7 + [0] * 3, 0.0),
+    "constant-zero": ([0] * 10, [1] * 7 + [0] * 3, 0.0),
+    # one target class: 0 whatever the predictions (torchmetrics gave 1.0, -1.0 and 0.4082)
+    "one-class-right": ([1, 1, 1], [1, 1, 1], 0.0),
+    "one-class-wrong": ([0, 0, 0], [1, 1, 1], 0.0),
+    "one-class-mixed": ([0, 1, 1], [1, 1, 1], 0.0),
+    "single": ([0], [0], 0.0),
+}
+
+
+@pytest.mark.parametrize("preds, target, expected", MCC_CASES.values(), ids=MCC_CASES.keys())
+def test_cola_matthews_correlation_is_sklearns(preds, target, expected):
+    metric = GLUEDataModule(task="cola").build_metrics()["matthews_correlation"]
+    metric.update(torch.tensor(preds), torch.tensor(target))
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_matthews_correlation_against_sklearn_on_every_small_case():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from sparseft.datamodules.glue_metrics import matthews_corrcoef
+
+    for n in range(1, 6):
+        for bits in itertools.product([0, 1], repeat=2 * n):
+            preds, target = bits[:n], bits[n:]
+            confmat = [[sum(t == i and p == j for p, t in zip(preds, target)) for j in (0, 1)] for i in (0, 1)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sklearn warns about a single label
+                expected = sklearn_metrics.matthews_corrcoef(target, preds)
+            assert matthews_corrcoef(confmat) == pytest.approx(expected, abs=1e-12), (preds, target)
+
+
+def test_matthews_correlation_states_add_across_batches_and_processes():
+    metric = GLUEDataModule(task="cola").build_metrics()["matthews_correlation"]
+    metric.update(torch.tensor([1, 1]), torch.tensor([1, 0]))
+    metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    other = metric.clone()
+    other.reset()
+    other.update(torch.tensor([1, 1, 1]), torch.tensor([1, 1, 0]))
+    metric.merge_state(other)  # what the DDP sync does: confusion counts summed
+    assert metric.confmat.tolist() == [[1, 2], [0, 4]]
+    # tp=4 tn=1 fp=2 fn=0: (4 - 0) / sqrt(6*4*3*1)
+    assert metric.compute().item() == pytest.approx(4 / 72**0.5)
+
+
+@pytest.mark.parametrize("preds, target", [([0.2, 0.9], [0, 1]), ([0, 2], [0, 1]), ([0, 1], [-1, 1])])
+def test_matthews_correlation_takes_class_ids_only(preds, target):
+    metric = GLUEDataModule(task="cola").build_metrics()["matthews_correlation"]
+    with pytest.raises(ValueError, match="class ids"):
+        metric.update(torch.tensor(preds), torch.tensor(target))
+
+
+@pytest.mark.integration
+def test_cola_dev_constant_predictors_score_exactly_zero():
+    target = torch.tensor(read_tsv(shared_data("glue", "CoLA", "dev.tsv"), get_task("cola"))["label"])
+    assert int(target.sum()) == 721  # of 1,043
+    for constant in (0, 1):  # torchmetrics' BinaryMatthewsCorrCoef gave -0.0256 and +0.0256
+        metric = GLUEDataModule(task="cola").build_metrics()
+        metric.update(torch.full_like(target, constant), target)
+        assert metric.compute()["matthews_correlation"].item() == 0.0
+    metric.reset()
+    metric.update(target, target)
+    assert metric.compute()["matthews_correlation"].item() == 1.0
 
 
 @pytest.mark.integration

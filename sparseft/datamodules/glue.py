@@ -7,10 +7,11 @@ from typing import Any
 
 import datasets
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import Accuracy, BinaryF1Score, BinaryMatthewsCorrCoef
+from torchmetrics.classification import Accuracy, BinaryF1Score
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.glue_metrics import MatthewsCorrCoef
 from sparseft.datamodules.glue_tasks import GlueTask, get_task, read_tsv
 
 HUB_DATASET = "nyu-mll/glue"
@@ -23,7 +24,7 @@ def build_metric(name: str, num_labels: int) -> Metric:
     if name == "f1":
         return BinaryF1Score()
     if name == "matthews_correlation":
-        return BinaryMatthewsCorrCoef()
+        return MatthewsCorrCoef()  # sklearn's value, 0 for a constant predictor
     if name == "pearson":
         return PearsonCorrCoef()
     if name == "spearmanr":
@@ -47,7 +48,8 @@ class GLUEDataModule(TextDataModule):
     Labels are ids in the hub's ClassLabel order (``label_names``), so a model trained on
     the local files reads hub data the same way; STS-B's score is a float regression target.
 
-    Metrics: CoLA Matthews correlation; STS-B Pearson and Spearman (regression,
+    Metrics: CoLA Matthews correlation (sklearn's, as GLUE scores it: 0 when every prediction
+    or every label is one class); STS-B Pearson and Spearman (regression,
     ``num_labels`` 1); MRPC and QQP F1 and accuracy; the others accuracy.
 
     Args:
