@@ -10,6 +10,7 @@ from sparseft.sparse import export_pretrained, prune_, sparsify
 from sparseft.strategies import (
     DSEE,
     PST,
+    S2FT,
     Magnitude,
     Movement,
     SparsityStrategy,
@@ -21,7 +22,7 @@ from sparseft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DSEE", "PST", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule", "SparsityStrategy",
-    "SquadDataModule", "TextDataModule",
+    "DSEE", "PST", "S2FT", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule",
+    "SparsityStrategy", "SquadDataModule", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]

@@ -28,9 +28,30 @@ SETTINGS: dict[str, dict] = {
     # boundary (optimizer restarted at step 3) and mid-schedule. The one-shot boundary is in test_dsee.py.
     "dsee": dict(sparsity=0.6, pattern="layer", rank=2, num_sparse=8, learning_rate=1e-2,
                  schedule=dict(kind="cubic", initial_warmup=0.2, final_warmup=0.3)),
+    # S²FT's sparsity is of the update: 1 of 4 heads and 16 of 64 channels trained in every block
+    "s2ft": dict(sparsity=0.75, allocation="layer", learning_rate=1e-2),
 }
 STEPS = 10
 STRATEGIES = sorted(available_strategies())
+
+# Checks that do not apply to a strategy: (strategy, check) -> why. Each runs as a strict xfail.
+NOT_APPLICABLE: dict[tuple[str, str], str] = {
+    ("s2ft", "zeros"): "S²FT's sparsity is of the update: untrained weights keep their pre-trained values, they are "
+                       "not zero (test_s2ft.py checks they never change and that the trained fraction is exact)",
+    ("s2ft", "resume"): "S²FT has no schedule: the selection is fixed at setup, so no checkpoint is mid-schedule "
+                        "(test_s2ft.py checks that a resumed run gives identical slices and weights)",
+    ("s2ft", "export"): "merged S²FT weights are dense: report.json's target_sparsity (zeros in the weights) is 0, "
+                        "not the update's sparsity (test_s2ft.py checks identical logits after export)",
+}
+
+
+def cases(check: str) -> list:
+    """Every strategy, with the checks listed in NOT_APPLICABLE as strict xfails."""
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(reason=NOT_APPLICABLE[name, check], strict=True))
+        if (name, check) in NOT_APPLICABLE else name
+        for name in STRATEGIES
+    ]
 
 
 def make_strategy(name: str) -> SparsityStrategy:
@@ -77,7 +98,7 @@ def test_has_docstring_with_args_and_hooks(name):
     assert "Args:" in doc and "Runs on:" in doc, f"{cls.__name__} docstring needs 'Args:' and 'Runs on:'"
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", cases("zeros"))
 def test_reaches_target_exactly_and_pruned_stay_zero(name, tmp_path):
     strategy = make_strategy(name)
     guard = PrunedStayZero()
@@ -118,7 +139,7 @@ class SaveAt(Callback):
             self.sparsity = strategy.applied_sparsity
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", cases("resume"))
 def test_resume_mid_schedule_gives_identical_masks(name, tmp_path):
     ckpt = tmp_path / "mid.ckpt"
     saver = SaveAt(4, ckpt)
@@ -144,7 +165,7 @@ def test_builds_from_yaml_by_short_name(name):
     assert strategy.final_sparsity == SETTINGS[name]["sparsity"]
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", cases("export"))
 def test_export_merges_to_plain_weights_with_identical_logits(name, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

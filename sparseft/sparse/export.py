@@ -24,6 +24,7 @@ from torch import nn
 from sparseft.sparse.parametrize import merge_, sparse_layers
 from sparseft.sparse.report import build_report, count_parameters, linear_flops_per_token
 from sparseft.sparse.shrink import add_remote_code_, shrink_
+from sparseft.sparse.slices import restore_linear_
 
 REPORT_FILE = "report.json"
 
@@ -48,6 +49,7 @@ def export_pretrained(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     target_names = [layer.name for layer in sparse_layers(model)]
+    target_names += restore_linear_(model)  # S²FT slice layers: merged, original module types back
     merge_(model)
     report = {**(extra or {}), **build_report(model, target_names)}
     if shrink:
