@@ -102,7 +102,7 @@ def allocate(
 
 
 def unit_scores(
-    groups: list[UnitGroup], criterion: Criterion, seed: int = 0,
+    model: nn.Module, groups: list[UnitGroup], criterion: Criterion, seed: int = 0,
     batches: Iterable[dict[str, torch.Tensor]] | None = None,
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
@@ -117,24 +117,27 @@ def unit_scores(
         raise ValueError(f"unknown criterion {criterion!r}")
     if batches is None or loss_fn is None:
         raise ValueError(f"criterion {criterion!r} needs calibration batches and a loss")
-    energy = calibrate(groups, batches, loss_fn, gradient=criterion == "gradient")
+    energy = calibrate(model, groups, batches, loss_fn, gradient=criterion == "gradient")
     if criterion == "weight_activation":  # Σ_{j∈u} ‖W[:, j]‖·‖X[..., j]‖
         return [group.reduce(w.pow(2).sum(0).sqrt() * e.sqrt()) for group, w, e in zip(groups, weights, energy)]
     return [group.reduce(e).sqrt() for group, e in zip(groups, energy)]
 
 
 def calibrate(
-    groups: list[UnitGroup], batches: Iterable[dict[str, torch.Tensor]],
+    model: nn.Module, groups: list[UnitGroup], batches: Iterable[dict[str, torch.Tensor]],
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], gradient: bool = False,
 ) -> list[torch.Tensor]:
     """Per input column of every group's layer: ``Σ_tokens X[..., j]²`` or, with ``gradient``,
-    ``Σ_i (Σ_batches ∂L/∂W)[i, j]²`` summed over batches (weights are left unchanged)."""
+    ``Σ_batches Σ_i (∂L/∂W)[i, j]²``. Only the groups' weights get a gradient, one batch at a
+    time; no parameter changes and no gradient is left behind."""
     energy = [torch.zeros(group.layer.shape[1]) for group in groups]
     inputs: dict[int, torch.Tensor] = {}
     handles = [group.layer.module.register_forward_pre_hook(_recorder(i, inputs)) for i, group in enumerate(groups)]
     weights = [group.layer.module.weight for group in groups]
-    flags = [w.requires_grad for w in weights]
+    flags = {p: p.requires_grad for p in model.parameters()}
     try:
+        for p in flags:
+            p.requires_grad_(False)
         for batch in batches:
             with torch.enable_grad() if gradient else torch.no_grad():
                 for w in weights:
@@ -153,9 +156,10 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-        for w, flag in zip(weights, flags):
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for w in weights:
             w.grad = None
-            w.requires_grad_(flag)
     return energy
 
 

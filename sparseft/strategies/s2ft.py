@@ -116,7 +116,7 @@ class S2FT(SparsityStrategy):
     def select(self, model: nn.Module, batches: Any = None, loss_fn: Any = None) -> Plan:
         """Per layer name ``(axis, indices)``; data-driven criteria need ``batches`` and ``loss_fn``."""
         groups = unit_groups(model)
-        scores = unit_scores(groups, self.criterion, self.seed, batches, loss_fn)
+        scores = unit_scores(model, groups, self.criterion, self.seed, batches, loss_fn)
         selected: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(groups)
         for kind, ratio, count in (("heads", self.head_ratio, self.heads),
                                    ("channels", self.channel_ratio, self.channels)):
