@@ -33,10 +33,36 @@ def test_topk_ties_at_threshold_only_take_what_is_needed():
 
 
 @pytest.mark.parametrize(
-    "numel, sparsity, expected", [(100, 0.29, 29), (10, 0.7, 7), (768 * 768, 0.9, 530841), (7, 0.5, 3)]
+    "rule, numel, sparsity, expected",
+    [
+        # torch.nn.utils.prune: round(n·s), Python's round (half to even)
+        ("round", 100, 0.29, 29), ("round", 768 * 768, 0.9, 530842), ("round", 7, 0.5, 4), ("round", 5, 0.5, 2),
+        # PST's SparseBinarizer: int(n·s), float error included (0.29·100 = 28.999...)
+        ("floor", 100, 0.29, 28), ("floor", 10, 0.7, 7), ("floor", 768 * 768, 0.9, 530841), ("floor", 7, 0.5, 3),
+        # movement's TopKBinarizer keeps int(kept·n) of the kept fraction 0.1: 1000 keeps 100, 589824 keeps 58982
+        ("keep_floor", 1000, 0.9, 900), ("keep_floor", 768 * 768, 0.9, 768 * 768 - 58982), ("keep_floor", 7, 0.5, 4),
+    ],
 )
-def test_pruned_count_is_floor_without_float_loss(numel, sparsity, expected):
-    assert pruned_count(numel, sparsity) == expected
+def test_pruned_count_follows_each_reference(rule, numel, sparsity, expected):
+    assert pruned_count(numel, sparsity, rule) == expected
+
+
+@pytest.mark.parametrize("numel, sparsity", [(589824, 0.9), (100, 0.29), (7, 0.5), (5, 0.5), (1536, 0.37)])
+def test_round_rule_prunes_as_many_as_torch_prune(numel, sparsity):
+    weight = torch.nn.Linear(numel, 1, bias=False)
+    torch.nn.utils.prune.l1_unstructured(weight, "weight", amount=sparsity)
+    assert pruned_count(numel, sparsity, "round") == int((weight.weight_mask == 0).sum())
+
+
+def test_keep_floor_matches_the_movement_reference_where_floor_loses_a_weight():
+    kept_reference = int(0.1 * 1536 * 384)  # TopKBinarizer: j = int(threshold · numel), threshold 0.1
+    assert 1536 * 384 - pruned_count(1536 * 384, 0.9, "keep_floor") == kept_reference
+    assert int(topk_mask(torch.rand(1536, 384), 0.9, rule="keep_floor").sum()) == kept_reference
+
+
+def test_unknown_count_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown pruned-count rule 'ceil'"):
+        pruned_count(10, 0.5, "ceil")
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])

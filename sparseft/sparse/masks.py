@@ -4,7 +4,8 @@ All functions are pure: scores in, boolean keep-masks out (``True`` = weight kep
 are ``[out, in]`` tensors, larger = more important.
 
 Exactness matters: ``topk_mask(s, 0.9)`` prunes exactly ``pruned_count(numel, 0.9)``
-weights, however many scores tie. Ties are broken deterministically by flat index (the
+weights, however many scores tie; how that count rounds follows each method's reference
+(:func:`pruned_count`). Ties are broken deterministically by flat index (the
 lower index is pruned first), so every DDP rank, and every resumed run, gets the same mask.
 On the CPU the threshold comes from NumPy's introselect (``np.partition``): the whole top-k
 of a 1536×384 score matrix takes 0.56 ms, against 5.5 ms with torch's ``kthvalue`` and 57 ms
@@ -17,6 +18,8 @@ no host synchronisation. Both give the same mask.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -28,12 +31,28 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def pruned_count(numel: int, sparsity: float) -> int:
-    """How many of ``numel`` weights a sparsity prunes: ``floor(numel * sparsity)``.
+CountRule = Literal["round", "floor", "keep_floor"]
 
-    A tiny tolerance keeps float error from losing one weight (0.29 * 100 = 28.999...).
+
+def pruned_count(numel: int, sparsity: float, rule: CountRule = "round") -> int:
+    """How many of ``numel`` weights a sparsity prunes, by the rule of a method's reference code.
+
+    * ``round``: ``round(numel·s)``, as ``torch.nn.utils.prune`` (``L1Unstructured``,
+      ``global_unstructured``): the magnitude baseline and DSEE's pruning; the default.
+    * ``floor``: ``int(numel·s)``, as PST's ``SparseBinarizer`` (0.29·100 = 28.999... prunes 28).
+    * ``keep_floor``: ``numel − int((1−s)·numel)``, as movement pruning's ``TopKBinarizer``, which
+      keeps ``int(kept·numel)`` of the kept fraction it is given. sparseft is given ``s``, and
+      ``1 − s`` carries float error (``1 − 0.9 = 0.09999999999999998``), so a tolerance of 1e-6
+      recovers the reference's count (1000 weights at 90% keep 100, as the reference's 0.1 does).
     """
-    return int(numel * check_sparsity(sparsity) + 1e-6)
+    sparsity = check_sparsity(sparsity)
+    if rule == "round":
+        return round(numel * sparsity)
+    if rule == "floor":
+        return int(numel * sparsity)
+    if rule == "keep_floor":
+        return numel - int(numel * (1.0 - sparsity) + 1e-6)
+    raise ValueError(f"unknown pruned-count rule {rule!r}; use round, floor or keep_floor")
 
 
 def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,26 +94,26 @@ def keep_highest(scores: torch.Tensor, pruned: int) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float, row_blocks: int = 1) -> torch.Tensor:
-    """Keep-mask of one layer that prunes exactly ``pruned_count`` lowest scores.
+def topk_mask(scores: torch.Tensor, sparsity: float, row_blocks: int = 1, rule: CountRule = "round") -> torch.Tensor:
+    """Keep-mask of one layer that prunes exactly ``pruned_count(numel, sparsity, rule)`` lowest scores.
 
     ``row_blocks > 1`` splits the rows into that many equal matrices ranked separately: a
     fused projection such as GPT-2's ``c_attn`` (``[q; k; v]``) is pruned as three matrices.
     """
     if row_blocks == 1:
-        return keep_highest(scores, pruned_count(scores.numel(), sparsity))
+        return keep_highest(scores, pruned_count(scores.numel(), sparsity, rule))
     if scores.shape[0] % row_blocks:
         raise ValueError(f"cannot split {scores.shape[0]} rows into {row_blocks} equal blocks")
-    return torch.cat([topk_mask(block, sparsity) for block in scores.chunk(row_blocks, dim=0)])
+    return torch.cat([topk_mask(block, sparsity, rule=rule) for block in scores.chunk(row_blocks, dim=0)])
 
 
-def global_topk_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+def global_topk_masks(scores: list[torch.Tensor], sparsity: float, rule: CountRule = "round") -> list[torch.Tensor]:
     """Keep-masks for several layers ranked together: one threshold over all their scores.
 
     The total number pruned is exact; layers end up with different sparsities.
     """
     flat = torch.cat([score.detach().flatten().float() for score in scores])
-    keep = topk_mask(flat, sparsity)
+    keep = topk_mask(flat, sparsity, rule=rule)
     return [part.view_as(score) for part, score in zip(keep.split([s.numel() for s in scores]), scores)]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparseft.sparse.layers import LinearLayer
-from sparseft.sparse.masks import check_sparsity, global_topk_masks, nm_mask, topk_mask
+from sparseft.sparse.masks import CountRule, check_sparsity, global_topk_masks, nm_mask, topk_mask
 from sparseft.sparse.parametrize import SparseLayer, attach
 from sparseft.sparse.targets import TargetSpec, select_targets
 
@@ -71,28 +71,33 @@ def sparsify(
 
 @torch.no_grad()
 def prune_(
-    layers: list[SparseLayer], scores: list[torch.Tensor], sparsity: float, pattern: str = "layer"
+    layers: list[SparseLayer],
+    scores: list[torch.Tensor],
+    sparsity: float,
+    pattern: str = "layer",
+    rule: CountRule = "round",
 ) -> None:
     """Set every layer's mask to keep its highest scores at the given sparsity.
 
     Per-layer top-k ranks the q, k and v parts of a fused ``qkv`` projection separately.
+    ``rule`` says how the pruned count rounds (:func:`~sparseft.sparse.masks.pruned_count`).
 
     With an N:M pattern ``sparsity`` only switches masks on (> 0) or off (0).
     """
     check_sparsity(sparsity)
     parsed = MaskPattern.parse(pattern)
     if parsed.scope == "global":
-        masks = global_topk_masks(scores, sparsity)
+        masks = global_topk_masks(scores, sparsity, rule)
     elif parsed.scope == "nm":
         masks = [nm_mask(s, parsed.n, parsed.m) if sparsity > 0 else torch.ones_like(s, dtype=torch.bool)
                  for s in scores]
     else:
-        masks = [topk_mask(s, sparsity, layer.row_blocks) for s, layer in zip(scores, layers, strict=True)]
+        masks = [topk_mask(s, sparsity, layer.row_blocks, rule) for s, layer in zip(scores, layers, strict=True)]
     for layer, keep in zip(layers, masks, strict=True):
         layer.set_mask_(keep)
 
 
-def prune_on_next_forward_(layers: list[SparseLayer], sparsity: float) -> None:
+def prune_on_next_forward_(layers: list[SparseLayer], sparsity: float, rule: CountRule = "round") -> None:
     """Per-layer top-k as :func:`prune_`, of the scores each layer's next forward computes.
 
     For layers whose scores come from their score module (``score(W0 + ΔW)``, as PST): the
@@ -102,5 +107,5 @@ def prune_on_next_forward_(layers: list[SparseLayer], sparsity: float) -> None:
     """
     check_sparsity(sparsity)
     for layer in layers:
-        select = functools.partial(topk_mask, sparsity=sparsity, row_blocks=layer.row_blocks)
+        select = functools.partial(topk_mask, sparsity=sparsity, row_blocks=layer.row_blocks, rule=rule)
         layer.param.refresh_mask_on_forward(select)
