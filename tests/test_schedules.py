@@ -42,6 +42,37 @@ def test_warmups_in_steps_and_in_lr_warmups_match_the_movement_scripts():
     assert 1 - by_lr(450, 1000, 0.9, lr_warmup_steps=100) == pytest.approx(0.1 + 0.9 * 0.125)
 
 
+def pst_reference_sparsity(step, total, initial_warmup=0.1, final_warmup=0.3, initial=0.0, final=0.9):
+    """PST's ``schedule_sparsity_ratio`` (AliceMind), transcribed: no rounding of the step."""
+    if step <= initial_warmup * total:
+        return initial
+    if step > total - final_warmup * total:
+        return final
+    coeff = 1 - (step - initial_warmup * total) / (total - (final_warmup + initial_warmup) * total)
+    return final + (initial - final) * coeff**3
+
+
+def test_ramp_starting_between_steps_is_not_a_step_late():
+    # T = 25: the ramp starts at 2.5, so step 3 is half a step into it (it was 0 when the step was floored)
+    schedule = SparsitySchedule(kind="cubic", initial_warmup=0.1, final_warmup=0.3)
+    assert schedule(3, 25, 0.9) == pytest.approx(0.9 * (1 - (1 - 0.5 / 15) ** 3))
+    assert schedule(3, 25, 0.9) == pytest.approx(0.0870, abs=1e-4)
+
+
+@pytest.mark.parametrize("total", [25, 33, 47, 101, 1001, 1234, 2999])
+def test_cubic_schedule_matches_the_pst_reference_at_every_step(total):
+    schedule = SparsitySchedule(kind="cubic", initial_warmup=0.1, final_warmup=0.3)
+    for step in range(total - 1):  # the last step is forced to the final value by the strategy
+        assert schedule(step, total, 0.9) == pytest.approx(pst_reference_sparsity(step, total), rel=1e-12, abs=1e-15)
+
+
+def test_update_every_counts_whole_steps_from_the_first_step_of_the_ramp():
+    # ramp from 2.5 to 12.5: updates at steps 3, 7, 11 (ceil(2.5) + 4k)
+    assert ramp_progress(6, 2.5, 12.5, update_every=4) == ramp_progress(3, 2.5, 12.5) == pytest.approx(0.05)
+    assert ramp_progress(7, 2.5, 12.5, update_every=4) == pytest.approx(0.45)
+    assert ramp_progress(2, 2.5, 12.5, update_every=4) is None
+
+
 def test_schedule_with_no_room_to_prune_is_an_error():
     # the reference silently never pruned here and evaluated with the final mask
     schedule = SparsitySchedule(initial_warmup=1, final_warmup=2, warmup_unit="lr_warmup")

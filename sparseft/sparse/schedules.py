@@ -26,15 +26,21 @@ WarmupUnit = Literal["fraction", "steps", "lr_warmup"]
 
 
 def ramp_progress(step: int, start: float, end: float, update_every: int = 1) -> float | None:
-    """Progress in [0, 1] from ``start`` to ``end``, or None before ``start``.
+    """Progress ``(t − t0) / (t1 − t0)`` in [0, 1], or None before ``t0``.
 
-    The step is first rounded down to the last update, ``start + k * update_every``.
+    ``t0`` and ``t1`` need not be whole steps (warm-ups of 0.1·T): the progress is taken at the
+    step itself, as the references' schedules do (PST's ``schedule_sparsity_ratio``, emmental's
+    ``schedule_threshold``; with T = 25, step 3 is 0.5 of a step into a ramp starting at 2.5).
+    With ``update_every > 1`` the step is first rounded down to the last update, the whole steps
+    ``ceil(t0) + k·update_every``.
     """
     if step < start:
         return None
     if end <= start:
         return 1.0
-    step = start + math.floor((step - start) / update_every) * update_every
+    first = math.ceil(start)
+    if step >= first:
+        step = first + (step - first) // update_every * update_every
     return min(1.0, (step - start) / (end - start))
 
 
@@ -50,6 +56,12 @@ def cubic_ramp(progress: float) -> float:
 
 def linear_ramp(progress: float) -> float:
     return progress
+
+
+def remaining_fraction(kind: str, progress: float) -> float:
+    """``1 − shaped progress``, computed as the references do: ``(1 − p)³`` for the cubic ramp,
+    so ``s_t = s_f + (s_i − s_f)·(1 − p)³`` is their expression term for term."""
+    return (1.0 - progress) ** 3 if kind == "cubic" else 1.0 - progress
 
 
 @dataclass(frozen=True)
@@ -112,24 +124,28 @@ class SparsitySchedule:
             )
         return start, end
 
-    def progress(self, step: int, total_steps: int, lr_warmup_steps: int = 0) -> float | None:
-        """How far along the schedule ``step`` is: None before it starts, then 0 to 1 (shaped)."""
+    def raw_progress(self, step: int, total_steps: int, lr_warmup_steps: int = 0) -> float | None:
+        """How far along the window ``step`` is, unshaped: None before it starts, then 0 to 1."""
         if self.kind == "constant":
             return 1.0
         start, end = self.window(total_steps, lr_warmup_steps)
         if self.kind == "one_shot":
             return 1.0 if step >= start else None
-        raw = ramp_progress(step, start, end, self.update_every)
-        if raw is None:
-            return None
+        return ramp_progress(step, start, end, self.update_every)
+
+    def progress(self, step: int, total_steps: int, lr_warmup_steps: int = 0) -> float | None:
+        """How far along the schedule ``step`` is: None before it starts, then 0 to 1 (shaped)."""
+        raw = self.raw_progress(step, total_steps, lr_warmup_steps)
+        if raw is None or not self.ramps:
+            return raw
         return cubic_ramp(raw) if self.kind == "cubic" else linear_ramp(raw)
 
     def __call__(self, step: int, total_steps: int, final_sparsity: float, lr_warmup_steps: int = 0) -> float:
-        """Target sparsity at optimizer step ``step`` of ``total_steps`` (0 before the window)."""
-        shaped = self.progress(step, total_steps, lr_warmup_steps)
-        if shaped is None:
+        """Target sparsity at optimizer step ``step`` of ``total_steps`` (0 before the window):
+        ``s_f + (s_i − s_f)·(1 − p)³`` on the cubic ramp (Zhu & Gupta, eq. 1)."""
+        raw = self.raw_progress(step, total_steps, lr_warmup_steps)
+        if raw is None:
             return 0.0
-        if shaped == 1.0:
+        if raw == 1.0:
             return final_sparsity
-        initial = self.initial_sparsity if self.ramps else final_sparsity
-        return initial + (final_sparsity - initial) * shaped
+        return final_sparsity + (self.initial_sparsity - final_sparsity) * remaining_fraction(self.kind, raw)
