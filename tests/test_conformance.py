@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from sparseft.module import SparseFTModule
-from sparseft.sparse.masks import pruned_count
+from sparseft.sparse.masks import pruned_count, topk_mask
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.strategies import SparsityStrategy, available_strategies, build_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
@@ -106,7 +106,8 @@ def test_reaches_target_exactly_and_pruned_stay_zero(name, tmp_path):
     assert guard.checked == STEPS
     for sparse in strategy.layers:
         pruned = int((~sparse.mask).sum())
-        assert pruned == pruned_count(sparse.mask.numel(), strategy.final_sparsity), sparse.name
+        expected = pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
+        assert pruned == expected, sparse.name
         assert int((sparse.layer.weight() == 0).sum()) >= pruned
     assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
 
@@ -151,6 +152,57 @@ def test_resume_mid_schedule_gives_identical_masks(name, tmp_path):
     for a, b in zip(straight.layers, resumed.layers, strict=True):
         assert torch.equal(a.mask, b.mask), a.name
         assert torch.allclose(a.layer.weight(), b.layer.weight(), atol=1e-6)
+
+
+class FreshMaskCheck(Callback):
+    """Checks that validation and a mid-run checkpoint see the masks of the current scores, not the
+    ones the last training step used before its optimizer step moved the scores."""
+
+    def __init__(self, strategy: SparsityStrategy, ckpt: Path) -> None:
+        self.strategy, self.ckpt = strategy, ckpt
+        self.validated, self.stale_differed = 0, False
+
+    def expected(self) -> list[torch.Tensor]:
+        strategy = self.strategy
+        return [topk_mask(score, strategy.applied_sparsity, layer.row_blocks, strategy.pruned_count_rule)
+                for score, layer in zip(strategy.compute_scores(), strategy.layers, strict=True)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        used = [layer.mask.clone() for layer in self.strategy.layers]
+        self.stale_differed |= any(not torch.equal(a, b) for a, b in zip(used, self.expected()))
+        if trainer.global_step == 6:
+            trainer.save_checkpoint(self.ckpt)
+            saved = torch.load(self.ckpt, weights_only=False)["state_dict"]
+            names = {id(buffer): key for key, buffer in pl_module.named_buffers()}
+            for layer, keep in zip(self.strategy.layers, self.expected(), strict=True):
+                assert torch.equal(saved[names[id(layer.mask)]], keep), layer.name
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        for layer, keep in zip(self.strategy.layers, self.expected(), strict=True):
+            assert torch.equal(layer.mask, keep), layer.name
+        self.validated += 1
+
+
+FOLLOWING_SCORES = [name for name in STRATEGIES if available_strategies()[name].masks_follow_scores]
+
+
+@pytest.mark.parametrize("name", FOLLOWING_SCORES)
+def test_masks_that_follow_scores_are_fresh_in_validation_checkpoints_and_at_the_end(name, tmp_path):
+    strategy = make_strategy(name)
+    check = FreshMaskCheck(strategy, tmp_path / "mid.ckpt")
+    torch.manual_seed(0)
+    module = make_module()
+    trainer = Trainer(
+        max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=1,
+        enable_checkpointing=False, callbacks=[strategy, check],
+    )
+    data = SyntheticClassificationData(size=32)
+    trainer.fit(module, data)  # validates at the end of epochs 1 and 2 (after steps 4 and 8)
+    trainer.validate(module, data, verbose=False)
+    assert check.validated == 3 and check.stale_differed, "the run should have had stale masks to refresh"
+    for layer, keep in zip(strategy.layers, check.expected(), strict=True):
+        assert torch.equal(layer.mask, keep), layer.name
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

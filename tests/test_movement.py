@@ -61,6 +61,23 @@ def test_hard_topk_keeps_the_exact_count_and_breaks_ties_by_position():
     assert strategy.layers[0].mask.tolist() == [[False, False, True], [True, False, True]]
 
 
+def test_kept_count_is_the_references_int_of_the_kept_fraction():
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    strategy = Movement(targets="0", freeze_embeddings=False)
+    strategy.attach(model)
+    with torch.no_grad():
+        strategy.scores()[0].copy_(torch.randn(32, 32))
+    strategy.update_masks(0.9)
+    # emmental's TopKBinarizer keeps int(0.1 * 1024) = 102 (flooring the pruned count would keep 103)
+    assert int(strategy.layers[0].mask.sum()) == int(0.1 * 1024) == 102
+
+
+def test_default_schedule_is_the_references_one_and_two_lr_warmups():
+    schedule = Movement().schedule
+    assert (schedule.initial_warmup, schedule.final_warmup, schedule.warmup_unit) == (1, 2, "lr_warmup")
+    assert schedule.window(1000, lr_warmup_steps=100) == (100, 800)
+
+
 def test_soft_mask_threshold_penalty_and_floor():
     _, strategy = one_linear(variant="soft", final_threshold=0.5, final_lambda=10.0,
                              schedule=SparsitySchedule(initial_warmup=0.0, final_warmup=0.0, warmup_unit="steps"))

@@ -60,6 +60,20 @@ def test_mask_prunes_exactly_int_numel_times_sparsity_lowest_scores():
 
 
 @pytest.mark.parametrize("masks_from", ["update_masks", "the forward's scores"])
+def test_pruned_count_is_the_references_int_of_numel_times_sparsity(masks_from):
+    model = nn.Sequential(nn.Linear(10, 10, bias=False))
+    strategy = PST(sparsity=0.29, targets="0")
+    strategy.attach(model)
+    if masks_from == "update_masks":
+        strategy.update_masks(0.29)
+    else:
+        prune_on_next_forward_(strategy.layers, 0.29, strategy.pruned_count_rule)
+        model(torch.randn(2, 10))
+    # SparseBinarizer: num_prune = int(100 * 0.29) = int(28.999999999999996) = 28
+    assert int((~strategy.layers[0].mask).sum()) == int(100 * 0.29) == 28
+
+
+@pytest.mark.parametrize("masks_from", ["update_masks", "the forward's scores"])
 def test_every_gradient_path(masks_from):
     model, strategy = one_layer()
     if masks_from == "update_masks":

@@ -11,7 +11,9 @@ overrides one or two of:
 
 Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 ``on_train_start`` (training length), ``on_train_batch_start`` (schedule step, mask update),
-``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly).
+``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly); with
+``masks_follow_scores``, ``on_validation_start`` / ``on_test_start`` / ``on_predict_start`` /
+``on_save_checkpoint`` too (masks recomputed from the scores the last optimizer step left).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from sparseft.sparse.layers import LinearLayer
-from sparseft.sparse.masks import check_sparsity
+from sparseft.sparse.masks import CountRule, check_sparsity
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, sparsify
 from sparseft.sparse.report import count_parameters
@@ -60,6 +62,15 @@ class SparsityStrategy(Callback):
     #: during training the forward, which computes those scores for the straight-through
     #: gradient, sets them (:func:`prune_on_next_forward_`): one score computation per step, not two.
     masks_from_forward_scores: ClassVar[bool] = False
+    #: The masks are a selection of scores that move at every optimizer step (movement, PST); the
+    #: references recompute them in every forward. The mask a training step used is stale once
+    #: its optimizer step has moved the scores, so validation, test, predict, the end of training
+    #: and every checkpoint first recompute it (:meth:`refresh_masks`): the model evaluated and
+    #: exported is the one the final scores define.
+    masks_follow_scores: ClassVar[bool] = False
+    #: How a sparsity becomes a count of pruned weights, as the method's reference code rounds it
+    #: (:func:`~sparseft.sparse.masks.pruned_count`): ``round`` is ``torch.nn.utils.prune``'s.
+    pruned_count_rule: ClassVar[CountRule] = "round"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Record each instance's constructor arguments, so a checkpoint can rebuild it."""
@@ -98,6 +109,7 @@ class SparsityStrategy(Callback):
         self.step = 0  # current optimizer step, set at every training batch
         self._measured: dict[str, float] = {}
         self._masks_pending = False  # set by the coming forward (masks_from_forward_scores)
+        self._masks_stale = False  # an optimizer step moved the scores since the masks were set
 
     def _check_pattern(self, pattern: MaskPattern) -> None:
         if pattern.scope != "nm":
@@ -148,9 +160,20 @@ class SparsityStrategy(Callback):
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
         """Recompute every mask to keep the top scores at ``sparsity``."""
-        prune_(self.layers, self.compute_scores(), sparsity, self.pattern)
+        prune_(self.layers, self.compute_scores(), sparsity, self.pattern, self.pruned_count_rule)
         self.applied_sparsity = sparsity
+        self._masks_stale = False
         self._measure()
+
+    def refresh_masks(self) -> None:
+        """Recompute the masks from the current scores at the applied sparsity (the schedule does
+        not move): what the references' forward does outside training steps."""
+        self.update_masks(self.applied_sparsity)
+
+    def _refresh_if_stale(self) -> None:
+        if self._masks_stale:
+            self.refresh_masks()
+            self._masks_stale = False
 
     def _measure(self) -> None:
         if not self.layers:
@@ -201,7 +224,7 @@ class SparsityStrategy(Callback):
         if not self.needs_update(sparsity):
             return
         if self.masks_from_forward_scores and self.pattern == "layer":
-            prune_on_next_forward_(self.layers, sparsity)
+            prune_on_next_forward_(self.layers, sparsity, self.pruned_count_rule)
             self.applied_sparsity = sparsity
             self._masks_pending = True
         else:
@@ -213,6 +236,7 @@ class SparsityStrategy(Callback):
         if self._masks_pending:  # the forward has set them
             self._measure()
             self._masks_pending = False
+        self._masks_stale = self.masks_follow_scores  # the optimizer step has moved the scores
         pl_module.log("sparsity/target", self.applied_sparsity)
         pl_module.log("sparsity/actual", self.measured_sparsity(), prog_bar=True)
         if self.log_layers and _loggers_write_this_step(trainer):
@@ -226,6 +250,16 @@ class SparsityStrategy(Callback):
                 "Train longer or raise schedule.final_warmup."
             )
             self.update_masks(self.final_sparsity)
+        self._refresh_if_stale()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refresh_if_stale()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refresh_if_stale()
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refresh_if_stale()
 
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +267,7 @@ class SparsityStrategy(Callback):
             "strategy": self.strategy_name,
             "applied_sparsity": self.applied_sparsity,
             "total_steps": self.total_steps,
+            "step": self.step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,6 +276,7 @@ class SparsityStrategy(Callback):
             raise ValueError(f"checkpoint state is from strategy {saved!r}, this run uses {self.strategy_name!r}")
         self.applied_sparsity = state_dict["applied_sparsity"]
         self.total_steps = state_dict["total_steps"]
+        self.step = state_dict.get("step", self.step)
         self._measure()
 
     def describe(self) -> dict[str, Any]:
@@ -251,7 +287,21 @@ class SparsityStrategy(Callback):
                 "init_args": init_args}
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild this strategy; save the masks of the current scores, not stale ones.
+
+        Lightning has already copied the model's ``state_dict`` into ``checkpoint``, so refreshed
+        masks are written into it explicitly.
+        """
         checkpoint[CHECKPOINT_KEY] = self.describe()
+        if not self._masks_stale:
+            return
+        self._refresh_if_stale()
+        keys = {id(buffer): name for name, buffer in pl_module.named_buffers()}
+        saved = checkpoint.get("state_dict", {})
+        for layer in self.layers:
+            key = keys.get(id(layer.mask))
+            if key in saved:
+                saved[key] = layer.mask.detach().clone()
 
 
 def _loggers_write_this_step(trainer: Trainer) -> bool:

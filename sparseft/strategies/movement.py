@@ -20,8 +20,9 @@ from sparseft.strategies.registry import register_strategy
 
 
 def movement_schedule() -> SparsitySchedule:
-    """The paper's MNLI setting: dense for one LR warm-up, final for the last one (``1 / 1``)."""
-    return SparsitySchedule(kind="cubic", initial_warmup=1, final_warmup=1, warmup_unit="lr_warmup")
+    """The reference's defaults (README and argparse of ``masked_run_glue.py``): dense for one LR
+    warm-up, the final sparsity for the last two (``initial_warmup 1``, ``final_warmup 2``)."""
+    return SparsitySchedule(kind="cubic", initial_warmup=1, final_warmup=2, warmup_unit="lr_warmup")
 
 
 @register_strategy("movement")
@@ -42,9 +43,13 @@ class Movement(SparsityStrategy):
 
     As in the paper, embeddings are frozen (``freeze_embeddings``) and the scores have their own
     optimizer group (``score_lr`` 1e-2, no weight decay; the LR schedule applies to it too).
-    Differences from the reference code: exact top-k with ties broken by position (emmental sorts
-    and breaks ties arbitrarily); the mask is recomputed once per optimizer step rather than at
-    every forward, which is the same thing between optimizer steps.
+    The mask is recomputed once per optimizer step rather than at every forward, which is the
+    same thing between optimizer steps; validation, test, predict, the end of training and
+    checkpoints recompute it from the scores the last step left, as the reference's next
+    forward would. Kept count ``int((1 − s)·numel)`` per matrix, as emmental's TopKBinarizer.
+    Remaining differences from the reference (docs/strategies/movement.md, with numbers): ties
+    broken by position; soft pruning's 0.5% floor keeps exactly the floor; evaluation runs at
+    the current, not the final, threshold; global top-k is exact.
 
     Runs on: ``on_train_batch_start`` (masks from the current scores, every step),
     ``training_step`` via ``loss_term`` (soft: the score penalty), ``on_train_end``.
@@ -53,8 +58,8 @@ class Movement(SparsityStrategy):
         sparsity: hard variant: final fraction of target weights removed.
         variant: ``hard`` (top-k) or ``soft`` (threshold on σ(S) with an L1 penalty).
         targets: role names or whole-name regular expressions (default: all block linears).
-        schedule: the cubic schedule of the paper (default: warm-ups of one LR warm-up each;
-            give ``warmup_unit: fraction`` for fractions of training).
+        schedule: the cubic schedule of the paper (default: the reference's, dense for one LR
+            warm-up, final for the last two; give ``warmup_unit: fraction`` for fractions of training).
         pattern: hard variant: ``layer`` (the paper's default) or ``global``.
         global_topk_every: with ``pattern: global``, steps between threshold recomputations.
         final_threshold: soft variant: final τ on σ(S) (paper: 0.1).
@@ -96,6 +101,9 @@ class Movement(SparsityStrategy):
         self.score_init, self.score_init_scale, self.score_lr = score_init, score_init_scale, score_lr
         self.freeze_embeddings = freeze_embeddings
         self._global_threshold: float | None = None
+
+    masks_follow_scores = True
+    pruned_count_rule = "keep_floor"
 
     def make_score(self, layer: LinearLayer) -> nn.Module:
         return LearnedScores(layer.shape, self.score_init, self.score_init_scale)
@@ -150,7 +158,7 @@ class Movement(SparsityStrategy):
         if self._global_threshold is None or sparsity != self.applied_sparsity or (
             self.step % self.global_topk_every == 0
         ):
-            masks = global_topk_masks(scores, sparsity)
+            masks = global_topk_masks(scores, sparsity, self.pruned_count_rule)
             kept = [score[mask] for score, mask in zip(scores, masks) if mask.any()]
             self._global_threshold = float(torch.cat(kept).min()) if sparsity > 0 and kept else None
         else:
@@ -160,9 +168,23 @@ class Movement(SparsityStrategy):
         self.applied_sparsity = sparsity
         self._measure()
 
+    @torch.no_grad()
+    def refresh_masks(self) -> None:
+        """Masks of the current scores; global top-k is recomputed exactly, as the reference's
+        evaluation does, without touching the threshold the training steps reuse."""
+        if self.variant == "hard" and self.pattern == "global":
+            masks = global_topk_masks(self.compute_scores(), self.applied_sparsity, self.pruned_count_rule)
+            for layer, keep in zip(self.layers, masks, strict=True):
+                layer.set_mask_(keep)
+            self._measure()
+        else:
+            super().refresh_masks()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.variant == "hard":
             super().on_train_end(trainer, pl_module)
+        else:  # soft: the sparsity is what the threshold yields
+            self._refresh_if_stale()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "global_threshold": self._global_threshold}

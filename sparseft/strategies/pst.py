@@ -33,8 +33,10 @@ class PST(SparsityStrategy):
 
     ``W_eff = W0 + β·U·V`` (U ~ N(0, 1), V = 0), the importance
     ``S = |W_eff| + α1·A·B + α2·(R·1ᵀ + 1·Cᵀ)`` (eq. 6-8), and the forward uses
-    ``M ⊙ W_eff`` where ``M`` prunes exactly ``int(numel·s_t)`` lowest scores of each matrix,
-    recomputed every optimizer step. The straight-through mask has no gating, so A, B, R, C
+    ``M ⊙ W_eff`` where ``M`` prunes exactly ``int(numel·s_t)`` lowest scores of each matrix
+    (the reference's count), recomputed every optimizer step; validation, test, predict, the end
+    of training and checkpoints recompute it from the final scores, as the reference's forward
+    and ``convert()`` do. The straight-through mask has no gating, so A, B, R, C
     receive ``(∂L/∂W') ⊙ W_eff`` and U, V get gradient through both ``M ⊙ W_eff`` and
     ``|W_eff|``. Only U, V, A, B, R, C (and optionally the task head) are trained:
     ``17·(out + in)`` parameters per target matrix at the default ranks. For GPT-2, q, k and v
@@ -65,6 +67,8 @@ class PST(SparsityStrategy):
 
     freeze_base = True
     masks_from_forward_scores = True
+    masks_follow_scores = True
+    pruned_count_rule = "floor"
 
     def __init__(
         self,
