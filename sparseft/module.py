@@ -38,7 +38,8 @@ class SparseFTModule(LightningModule):
         learning_rate: peak learning rate of AdamW for the backbone's parameters.
         weight_decay: AdamW weight decay; never applied to biases and LayerNorm weights.
         warmup_ratio: fraction of optimizer steps with linear learning-rate warm-up, followed by
-            linear decay to zero.
+            linear decay to zero; the rate is ``step / warm-up`` (0 at the first step), as
+            transformers' ``get_linear_schedule_with_warmup`` and the methods' reference scripts.
         adam_epsilon: AdamW epsilon.
         teacher: a fine-tuned model (name or path) to distil from, with any strategy; None: no
             distillation. The teacher is frozen, in eval mode, and not saved in checkpoints.
@@ -187,8 +188,8 @@ class SparseFTModule(LightningModule):
         warmup = self.warmup_steps = int(self.hparams.warmup_ratio * total)
 
         def linear_warmup_decay(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
+            if step < warmup:  # transformers' get_linear_schedule_with_warmup: 0 at step 0
+                return step / warmup
             return max(0.0, (total - step) / max(1, total - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
