@@ -256,3 +256,76 @@ def test_export_gives_plain_index_aligned_weights_with_identical_logits(tmp_path
     for layer in strategy.layers:
         changed = plain.get_submodule(layer.name).weight != base.get_submodule(layer.name).weight
         assert changed.any() and not changed[~layer.mask].any(), layer.name
+
+
+def fit_bert(s2ft: S2FT, root, steps: int, ckpt_path=None, callbacks=(), **trainer_kwargs):
+    from lightning.pytorch import Trainer
+
+    from sparseft.module import SparseFTModule
+    from sparseft.testing import SyntheticClassificationData
+
+    torch.manual_seed(0)
+    config = tiny_config("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    module = SparseFTModule(config=config, num_labels=2, learning_rate=1e-2)
+    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0,
+                      callbacks=[s2ft, *callbacks], **trainer_kwargs)
+    trainer.fit(module, SyntheticClassificationData(size=32), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_resumed_run_gives_identical_slices_and_weights(tmp_path):
+    from lightning.pytorch import Callback
+
+    class SaveAt(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 4:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    straight = S2FT(heads=3, channels=20, criterion="gradient", calibration_batches=2)
+    fit_bert(straight, tmp_path / "a", 8, callbacks=[SaveAt()])
+    resumed = S2FT(heads=3, channels=20, criterion="gradient", calibration_batches=2)
+    fit_bert(resumed, tmp_path / "b", 8, ckpt_path=str(tmp_path / "mid.ckpt"))
+    for a, b in zip(straight.layers, resumed.layers, strict=True):
+        assert torch.equal(a.module.index, b.module.index)
+        torch.testing.assert_close(a.module.delta, b.module.delta, rtol=0, atol=1e-6)
+    assert any(layer.module.delta.abs().sum() > 0 for layer in straight.layers)
+    assert straight.measured_sparsity() == 1 - (3 * 8 * 32 + 20 * 32) / (2 * 32 * 32 + 2 * 32 * 64)
+
+
+DDP_SCRIPT = """
+import sys, torch
+from lightning.pytorch import Callback
+sys.path.insert(0, {tests!r})
+from test_s2ft import fit_bert
+from sparseft.strategies import S2FT
+
+class Dump(Callback):
+    def on_train_end(self, trainer, pl_module):
+        layers = trainer.callbacks[0].layers
+        torch.save({{l.name: (l.module.index.clone(), l.module.delta.detach().clone()) for l in layers}},
+                   {root!r} + f"/rank{{trainer.global_rank}}.pt")
+
+s2ft = S2FT(sparsity=0.75, allocation="layer", criterion="activation", calibration_batches=2)
+fit_bert(s2ft, {root!r}, 4, callbacks=[Dump()], strategy="ddp", devices=2, accumulate_grad_batches=2)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_the_same_slices_identically(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_s2ft.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4
+    for name, (index, delta) in ranks[0].items():
+        assert torch.equal(index, ranks[1][name][0]) and torch.equal(delta, ranks[1][name][1]), name
+        assert delta.abs().sum() > 0, name  # trained (the ranks saw different halves of the data)
