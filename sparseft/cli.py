@@ -4,7 +4,8 @@
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
 * ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
-* ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory.
+* ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory;
+  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
 """
@@ -23,6 +24,7 @@ from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
+from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.export import export_pretrained
 from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies, get_strategy
@@ -91,8 +93,12 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by sparseft fit")
     parser.add_argument("--output_dir", type=str, required=True, help="directory to write the model to")
     parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
+    parser.add_argument("--adapter_path", type=str, default=None,
+                        help="also write the update alone as a structured adapter file (S²FT: indices, update, base)")
     args = parser.parse_args(argv)
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
+    if args.adapter_path:
+        save_adapter(extract_adapter(module.model), args.adapter_path)
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}

@@ -329,3 +329,22 @@ def test_ddp_two_processes_train_the_same_slices_identically(tmp_path):
     for name, (index, delta) in ranks[0].items():
         assert torch.equal(index, ranks[1][name][0]) and torch.equal(delta, ranks[1][name][1]), name
         assert delta.abs().sum() > 0, name  # trained (the ranks saw different halves of the data)
+
+
+def test_export_command_writes_the_adapter_that_the_merged_model_holds(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from sparseft.cli import export_command
+
+    fit_bert(S2FT(sparsity=0.75, allocation="layer"), tmp_path / "run", 3)
+    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+    export_command(["--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+                    "--adapter_path", str(tmp_path / "s2ft.safetensors")])
+    adapter = load_adapter(tmp_path / "s2ft.safetensors")
+    assert sorted(adapter) == [f"bert.encoder.layer.{i}.{name}.dense" for i in (0, 1)
+                               for name in ("attention.output", "output")]
+    assert [part["index"].numel() for part in adapter.values()] == [8, 16, 8, 16]  # 1 of 4 heads, 16 of 64 channels
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    remove_adapter_(plain, adapter)  # refuses unless every slice holds exactly base + Δ
+    for name, part in adapter.items():
+        assert torch.equal(plain.get_submodule(name).weight[:, part["index"]], part["base"])
