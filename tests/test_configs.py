@@ -25,7 +25,7 @@ def test_config_parses(path):
     assert config.model.backbone or config.model.config, "a config names a backbone or a model config"
     assert config.data.class_path.startswith("sparseft.datamodules.")
     if config.get("sparsity") is not None:
-        assert 0.0 <= config.sparsity.init_args.get("sparsity", 0.0) < 1.0
+        assert 0.0 <= (config.sparsity.init_args.get("sparsity") or 0.0) < 1.0  # S²FT: None, ratios instead
 
 
 def test_quickstart_instantiates_offline(tmp_path):
