@@ -9,8 +9,10 @@ FFN channels), units whose weights are all zero after merging are then removed p
 (:func:`sparseft.sparse.shrink.shrink_`): the saved model is smaller. When the config cannot
 express the new shapes (heads of BERT, RoBERTa, GPT-2), the directory also holds
 ``modeling_sparseft.py`` and loads with ``from_pretrained(path, trust_remote_code=True)``.
-Unstructured exports never shrink, even where a channel happens to be all zeros, so they always
-load with a plain ``from_pretrained``.
+S²FT's slice layers (:mod:`sparseft.sparse.slices`) are merged too and become their original
+``nn.Linear`` / ``Conv1D`` again, index-aligned with the base model. Unstructured exports never
+shrink, even where a channel happens to be all zeros, so they always load with a plain
+``from_pretrained``.
 """
 
 from __future__ import annotations
