@@ -61,6 +61,20 @@ def test_slice_gradient_equals_full_autograd_restricted_to_the_slice(axis, conv1
     assert sliced.weight.grad is None and not sliced.weight.requires_grad
 
 
+def test_autocast_computes_in_its_dtype_and_returns_gradients_in_the_parameters_dtype():
+    torch.manual_seed(0)
+    sliced = SliceLinear(nn.Linear(16, 8), torch.tensor([1, 5, 7]))
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sliced(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()  # dL/dY = 1: dL/dΔ[i, c] = Σ_tokens x[..., c], dL/dX = Σ_i W[i, :]
+    assert sliced.delta.grad.dtype == x.grad.dtype == torch.float32
+    expected = x.detach()[..., [1, 5, 7]].flatten(0, 1).sum(0).expand(8, 3)
+    torch.testing.assert_close(sliced.delta.grad, expected, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(x.grad, sliced.weight.sum(0).expand(2, 4, 16), rtol=2e-2, atol=2e-2)
+
+
 def test_column_slice_saves_only_the_selected_input_columns():
     torch.manual_seed(0)
     sliced = SliceLinear(nn.Linear(64, 32), torch.tensor([5, 9, 17]))

@@ -57,9 +57,8 @@ class PartialBackprop(torch.autograd.Function):
             else:
                 chosen = x
                 y = y.index_add(-1, index, F.linear(x, delta))
-        ctx.save_for_backward(weight, delta, index, chosen if delta.requires_grad else None)
+        ctx.save_for_backward(weight, delta, index, chosen if ctx.needs_input_grad[3] else None)
         ctx.columns = columns
-        ctx.bias_grad = bias is not None and bias.requires_grad
         return y
 
     @staticmethod
@@ -79,7 +78,7 @@ class PartialBackprop(torch.autograd.Function):
                 grad_delta = flat.t() @ saved.flatten(0, -2)
             else:  # ∂L/∂Δ = dY[..., R]ᵀ·X
                 grad_delta = flat.index_select(1, index).t() @ saved.flatten(0, -2)
-        if ctx.bias_grad:
+        if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_bias, grad_delta, None, None
 
