@@ -16,6 +16,7 @@ from sparseft.datamodules.e2e_metrics import (
     coco_tokenize,
     meteor,
     meteor_available,
+    mteval_tokenize,
     nist,
     rouge_l,
 )
@@ -55,6 +56,35 @@ def test_bleu_and_nist_match_the_official_mteval_script(leave_one_out):
     # "BLEU score = 0.6046" and "NIST score = 8.9029"
     assert bleu(hypotheses, references) == pytest.approx(60.46, abs=0.01)
     assert nist(hypotheses, references) == pytest.approx(8.9029, abs=0.01)
+
+
+@pytest.mark.integration
+def test_bleu_and_nist_keep_non_ascii_capitals_as_the_official_script(leave_one_out):
+    hypotheses, references = leave_one_out
+    hypotheses = [text.replace("é", "É") for text in hypotheses]  # 151 outputs write "CafÉ"
+    # mteval-v13a-sig.pl on this set: "BLEU score = 0.5867", "NIST score = 8.7190" (Unicode
+    # lower-casing had scored it as the unchanged set, 60.46 / 8.9029)
+    assert bleu(hypotheses, references) == pytest.approx(58.67, abs=0.01)
+    assert nist(hypotheses, references) == pytest.approx(8.7190, abs=0.001)
+
+
+def test_mteval_lowercases_only_a_to_z():
+    # the Perl script's tokenization sub printed exactly these tokens: tr/[A-Z]/[a-z]/ after the
+    # entity conversion, so "É" stays and "&QUOT;" is not a quote
+    assert mteval_tokenize('ÉCOLE &QUOT;Café&quot; É') == ["École", "&", "quot", ";", "café", '"', "É"]
+    assert mteval_tokenize("Le CAFÉ is HERE, 20£-25.") == ["le", "cafÉ", "is", "here", ",", "20£-25", "."]
+
+
+def test_bleu_and_nist_casing_by_hand():
+    references = [["le café is here"]]
+    assert bleu(["LE Café IS HERE"], references) == pytest.approx(100.0)  # A-Z lower-cased
+    assert nist(["LE Café IS HERE"], references) == pytest.approx(2.0)  # 4 unigrams of info log2(4/1)
+    # "cafÉ" matches nothing: unigrams 3/4, bigrams 1/3 ("is here"), no 3- or 4-gram, smoothed by
+    # mteval's exp rule to 1/(2*2) and 1/(4*1): BLEU = (3/4 * 1/3 * 1/4 * 1/4)^(1/4) = 1/64^(1/4).
+    # NIST: 3 matched unigrams of 2 bits over 4, the bigram's information log2(1/1) = 0.
+    # mteval-v13a-sig.pl printed "NIST score = 1.5000  BLEU score = 0.3536"
+    assert bleu(["Le CAFÉ is here"], references) == pytest.approx(100 / 64**0.25)
+    assert nist(["Le CAFÉ is here"], references) == pytest.approx(1.5)
 
 
 @pytest.mark.integration

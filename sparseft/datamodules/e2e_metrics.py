@@ -1,8 +1,9 @@
 """E2E NLG evaluation: BLEU, NIST, METEOR, ROUGE-L and CIDEr, multi-reference, as the E2E
 challenge's script (``measure_scores.py`` of tuetschek/e2e-metrics) defines them.
 
-* BLEU and NIST follow mteval-v13a (the challenge's ``mteval-v13a-sig.pl``): lower-cased
-  13a tokenization, corpus statistics. BLEU is sacrebleu's (same tokenizer, closest reference
+* BLEU and NIST follow mteval-v13a (the challenge's ``mteval-v13a-sig.pl``): 13a tokenization
+  with only A–Z lower-cased (the script's ``tr/[A-Z]/[a-z]/``: "É" stays "É", so it does not
+  match "é"), corpus statistics. BLEU is sacrebleu's on those tokens (closest reference
   length with ties to the shorter, the mteval "exp" smoothing); NIST, which sacrebleu lacks,
   is implemented here (Doddington 2002, eqs. 2–3, the script's length penalty and its
   average reference length over the non-empty references).
@@ -25,6 +26,7 @@ import importlib.util
 import math
 import re
 import shutil
+import string
 from collections import Counter
 
 import torch
@@ -40,11 +42,14 @@ _COCO_TOKEN = re.compile(r"n't|'(?:s|re|ll|d|ve|m)\b|\d+(?:[.,]\d+)+(?:-\w+)*|\w
 # PTBTokenizer would have turned into them (quotes, brackets)
 _COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"} | set('"()[]{}')
 _SEPARATOR = "\x1f"  # joins the references of one MR in a byte state
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 def mteval_tokenize(text: str) -> list[str]:
-    """mteval-v13a tokens of lower-cased text."""
-    return _MTEVAL(text.lower()).split()
+    """mteval-v13a tokens, lower-cased as the Perl script does: A–Z only, after its entity
+    conversion (``&QUOT;`` is not ``&quot;``). Casing does not affect the 13a punctuation rules,
+    so lower-casing the tokens is lower-casing where the script does."""
+    return _MTEVAL(text).translate(_ASCII_LOWER).split()
 
 
 def coco_tokenize(text: str) -> list[str]:
@@ -59,9 +64,11 @@ def ngram_counts(tokens: list[str], max_n: int) -> Counter:
 
 
 def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
-    """Corpus BLEU-4 in percent, as mteval-v13a (case-insensitive) computes it."""
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(max(map(len, references)))]
-    return BLEU(lowercase=True, tokenize="13a").corpus_score(hypotheses, streams).score
+    """Corpus BLEU-4 in percent, as mteval-v13a (lower-casing A–Z) computes it."""
+    hyps = [" ".join(mteval_tokenize(text)) for text in hypotheses]
+    refs = [[" ".join(mteval_tokenize(text)) for text in texts] for texts in references]
+    streams = [[texts[i] if i < len(texts) else None for texts in refs] for i in range(max(map(len, refs)))]
+    return BLEU(tokenize="none", force=True).corpus_score(hyps, streams).score  # force: tokenized on purpose
 
 
 def nist(hypotheses: list[str], references: list[list[str]], max_n: int = 5) -> float:
