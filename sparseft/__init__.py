@@ -11,6 +11,7 @@ from sparseft.strategies import (
     DSEE,
     PST,
     S2FT,
+    SPDF,
     Magnitude,
     Movement,
     SparsityStrategy,
@@ -22,7 +23,7 @@ from sparseft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DSEE", "PST", "S2FT", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule",
+    "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule",
     "SparsityStrategy", "SquadDataModule", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]

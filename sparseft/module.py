@@ -8,9 +8,10 @@ The module knows nothing of sparsity methods: strategies (callbacks) attach to
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -41,6 +42,11 @@ class SparseFTModule(LightningModule):
             linear decay to zero; the rate is ``step / warm-up`` (0 at the first step), as
             transformers' ``get_linear_schedule_with_warmup`` and the methods' reference scripts.
         adam_epsilon: AdamW epsilon.
+        adam_betas: AdamW ``(β₁, β₂)``; GPT pre-training recipes (SPDF, Cerebras-GPT) use (0.9, 0.95).
+        lr_schedule: decay after the warm-up: ``linear`` to ``min_lr_ratio · learning_rate`` at the
+            last step, or ``cosine``: ``min + (1 − min)·(1 + cos(π·p))/2`` with ``p`` the post-warm-up
+            progress (Cerebras' cosine to 6e-5 from 6e-4 is ``min_lr_ratio: 0.1``).
+        min_lr_ratio: final learning rate as a fraction of the peak (default 0: decay to zero).
         teacher: a fine-tuned model (name or path) to distil from, with any strategy; None: no
             distillation. The teacher is frozen, in eval mode, and not saved in checkpoints.
         distill_temperature: softening temperature T of the teacher and student logits.
@@ -59,12 +65,17 @@ class SparseFTModule(LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         adam_epsilon: float = 1e-8,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: Literal["linear", "cosine"] = "linear",
+        min_lr_ratio: float = 0.0,
         teacher: str | None = None,
         distill_temperature: float = 2.0,
         distill_alpha_ce: float = 0.1,
         distill_alpha_kd: float = 0.9,
     ) -> None:
         super().__init__()
+        if lr_schedule not in ("linear", "cosine"):
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; use linear or cosine")
         self.save_hyperparameters()
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
         self.model = load_backbone(task, backbone, config, num_labels).train()
@@ -182,15 +193,21 @@ class SparseFTModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
-            self.param_groups(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon
+            self.param_groups(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon,
+            betas=tuple(self.hparams.get("adam_betas", (0.9, 0.999))),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps = int(self.hparams.warmup_ratio * total)
 
+        floor = float(self.hparams.get("min_lr_ratio", 0.0))
+        cosine = self.hparams.get("lr_schedule", "linear") == "cosine"
+
         def linear_warmup_decay(step: int) -> float:
             if step < warmup:  # transformers' get_linear_schedule_with_warmup: 0 at step 0
                 return step / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
+            remaining = max(0.0, (total - step) / max(1, total - warmup))
+            decay = 0.5 * (1.0 - math.cos(math.pi * remaining)) if cosine else remaining
+            return floor + (1.0 - floor) * decay
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

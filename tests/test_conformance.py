@@ -30,6 +30,8 @@ SETTINGS: dict[str, dict] = {
                  schedule=dict(kind="cubic", initial_warmup=0.2, final_warmup=0.3)),
     # S²FT's sparsity is of the update: 1 of 4 heads and 16 of 64 channels trained in every block
     "s2ft": dict(sparsity=0.75, allocation="layer", learning_rate=1e-2),
+    # SPDF's static mask is chosen at setup: the final sparsity from step 0
+    "spdf": dict(sparsity=0.75, seed=3),
 }
 STEPS = 10
 STRATEGIES = sorted(available_strategies())
@@ -42,6 +44,9 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
                         "(test_s2ft.py checks that a resumed run gives identical slices and weights)",
     ("s2ft", "export"): "merged S²FT weights are dense: report.json's target_sparsity (zeros in the weights) is 0, "
                         "not the update's sparsity (test_s2ft.py checks identical logits after export)",
+    ("spdf", "resume"): "SPDF has no schedule: its mask is fixed at setup, so no checkpoint is mid-schedule "
+                        "(test_spdf.py checks kill-and-resume, before and across the dense switch, gives identical "
+                        "masks, weights and optimizer state)",
 }
 
 

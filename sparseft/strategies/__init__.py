@@ -7,8 +7,9 @@ from sparseft.strategies.movement import Movement
 from sparseft.strategies.pst import PST
 from sparseft.strategies.registry import available_strategies, get_strategy, register_strategy
 from sparseft.strategies.s2ft import S2FT
+from sparseft.strategies.spdf import SPDF
 
 __all__ = [
-    "DSEE", "PST", "S2FT", "Magnitude", "Movement", "SparsityStrategy", "available_strategies", "build_strategy",
-    "get_strategy", "register_strategy",
+    "DSEE", "PST", "S2FT", "SPDF", "Magnitude", "Movement", "SparsityStrategy", "available_strategies",
+    "build_strategy", "get_strategy", "register_strategy",
 ]
