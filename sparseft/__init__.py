@@ -4,7 +4,7 @@ The public API: the module, the strategy base and registry, the built-in strateg
 datamodules, and the plain-PyTorch entry points of :mod:`sparseft.sparse`.
 """
 
-from sparseft.datamodules import E2EDataModule, GLUEDataModule, SquadDataModule, TextDataModule
+from sparseft.datamodules import E2EDataModule, GLUEDataModule, RawTextDataModule, SquadDataModule, TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse import export_pretrained, prune_, sparsify
 from sparseft.strategies import (
@@ -23,7 +23,7 @@ from sparseft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement", "SparseFTModule",
-    "SparsityStrategy", "SquadDataModule", "TextDataModule",
+    "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement",
+    "RawTextDataModule", "SparseFTModule", "SparsityStrategy", "SquadDataModule", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]
