@@ -218,6 +218,17 @@ def test_dense_phase_from_a_sparse_checkpoint_trains_pruned_weights_from_zero(tm
     assert snapshot.seen and not sparse_layers(module.model) and dense.flops.reduction == 1.0
 
 
+@pytest.mark.parametrize("init", ["random", "magnitude"])
+def test_sparse_fine_tuning_from_a_checkpoint_keeps_the_pre_training_mask(tmp_path, init):
+    pretrain = SPDF(sparsity=0.75, init=init, seed=4)
+    fit_gpt2(pretrain, tmp_path / "pre", 4)
+    (ckpt,) = (tmp_path / "pre").rglob("*.ckpt")
+    ablation = SPDF(sparsity=0.75, init=init, seed=4, checkpoint=str(ckpt))
+    fit_gpt2(ablation, tmp_path / "ft", 2, callbacks=[ZeroCheck(ablation)])
+    for a, b in zip(pretrain.layers, ablation.layers, strict=True):
+        assert torch.equal(a.mask, b.mask), a.name
+
+
 def test_dense_phase_refuses_a_checkpoint_of_another_model(tmp_path):
     sparse = SPDF()
     fit_gpt2(sparse, tmp_path / "sparse", 1)

@@ -48,7 +48,9 @@ class SPDF(SparsityStrategy):
     ``phase: dense``: no mask at all. With ``checkpoint`` (a sparse-phase checkpoint of the same
     model config) the model starts from its weights ``M ⊙ W0``; a model exported with
     ``sparseft export`` needs no checkpoint (its pruned weights are stored zeros). The pruned
-    weights restart from 0 with the fresh optimizer's zero moments.
+    weights restart from 0 with the fresh optimizer's zero moments. ``phase: sparse`` with a
+    ``checkpoint`` (and the same ``seed``) keeps the pre-training mask while fine-tuning: the
+    paper's "sparse fine-tuning" ablation.
 
     Training FLOPs per token (dense, sparse, reduction; :mod:`sparseft.sparse.flops`) and the
     running total are logged under ``flops/`` and printed at the end.
@@ -66,7 +68,7 @@ class SPDF(SparsityStrategy):
         targets: role names or whole-name regular expressions (default: q, k, v, attention
             output, FFN in and out of every block; never embeddings, norms, biases or the LM head).
         dense_from_step: sparse phase only: switch to dense at this optimizer step (None: never).
-        checkpoint: dense phase only: a sparse-phase sparseft checkpoint to start from.
+        checkpoint: a sparse-phase sparseft checkpoint whose weights ``M ⊙ W0`` the run starts from.
         context_length: tokens each position attends to in the FLOP count (default: the
             datamodule's ``block_size`` / ``max_length``, else the model's maximum positions).
         log_layers: log every target layer's sparsity.
@@ -89,8 +91,6 @@ class SPDF(SparsityStrategy):
             raise ValueError(f"SPDF phase must be 'sparse' or 'dense', got {phase!r}")
         if init not in ("random", "magnitude"):
             raise ValueError(f"SPDF init must be 'random' or 'magnitude', got {init!r}")
-        if checkpoint and phase != "dense":
-            raise ValueError("SPDF: checkpoint is where the dense phase starts from; set phase: dense")
         if dense_from_step is not None and (phase != "sparse" or dense_from_step < 0):
             raise ValueError("SPDF: dense_from_step is a step >= 0 of a sparse phase")
         self.phase, self.init, self.seed = phase, init, seed
@@ -100,6 +100,7 @@ class SPDF(SparsityStrategy):
         self.tokens = 0  # training tokens seen (all ranks)
         self.flops: FlopCount | None = None
         self._prepared = False
+        self._loaded = False
 
     # ---- masks ---------------------------------------------------------------------------
     def compute_scores(self) -> list[torch.Tensor]:
@@ -137,21 +138,25 @@ class SPDF(SparsityStrategy):
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.checkpoint and not self._loaded:
+            self._load_checkpoint(pl_module)
         if self.phase == "dense":
-            if self.checkpoint and not self._prepared:
-                state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-                model_state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
-                try:
-                    names = load_densified_(pl_module.model, model_state)
-                except ValueError as error:
-                    raise ValueError(f"SPDF dense phase: checkpoint {self.checkpoint}: {error}") from None
-                rank_zero_info(f"sparseft: SPDF dense phase from {self.checkpoint}: {len(names)} sparse layers "
-                               "now dense; pruned weights restart from 0 with zero optimizer moments")
-                self._prepared = True
             return
         super().setup(trainer, pl_module, stage)
         if not self._prepared and not self.dense:
             self.choose_masks(trainer)
+
+    def _load_checkpoint(self, pl_module: LightningModule) -> None:
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        model_state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+        try:
+            names = load_densified_(pl_module.model, model_state)
+        except ValueError as error:
+            raise ValueError(f"SPDF: checkpoint {self.checkpoint}: {error}") from None
+        self._loaded = True
+        rank_zero_info(f"sparseft: SPDF {self.phase} phase from {self.checkpoint} ({len(names)} sparse layers): "
+                       + ("pruned weights restart from 0 with zero optimizer moments" if self.phase == "dense"
+                          else "masks chosen again (the same ones for the same seed)"))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
