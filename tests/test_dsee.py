@@ -91,6 +91,22 @@ def test_only_the_support_changes_and_w0_stays_frozen(tmp_path):
             assert torch.equal(parameter, w0[name]), name  # W0, biases, LayerNorm, embeddings frozen
 
 
+def test_reference_support_trains_and_warns_that_its_s2_is_dense_on_small_matrices(tmp_path):
+    # 32×32 q and v: the official loop's rank passes 32 long before its 100 iterations end, its S is
+    # 0 and `kthvalue >=` selects all 1024 entries, so S2 is a dense update -- reproduced, and said
+    strategy = DSEE(sparsity=0.5, rank=2, num_sparse=8, support="grebsmo_reference")
+    with pytest.warns(UserWarning, match=r"grebsmo_reference: bert\.encoder\.layer\.0\.attention\.self\.query "
+                                         r"selects 1024 of 1024 entries, not 8 \(dense S2"):
+        module = fit(strategy, tmp_path, steps=8)
+    updated = [layer for layer in strategy.layers if layer.param.delta is not None]
+    assert len(updated) == 4
+    for layer in updated:
+        residual = layer.param.delta.parts[1]
+        assert residual.indices.numel() == 1024 and residual.values.abs().min() > 0  # every entry trained
+    assert strategy.applied_sparsity == 0.5 and strategy.stage == "retune"
+    assert module.model.bert.encoder.layer[0].attention.self.query.parametrizations.weight[0].mask.any()
+
+
 def test_trainable_parameters_are_2r_out_plus_in_plus_n_per_matrix_and_the_head():
     model = load_backbone("sequence-classification", config=tiny_config("bert"), num_labels=2)
     DSEE(sparsity=0.5, rank=4, num_sparse=8, support="random").attach(model)

@@ -45,8 +45,10 @@ class DSEE(SparsityStrategy):
 
     1. **Sparsity-embedded tuning** (eq. 1): ``ΔW = (α/r)·(B·A + S2)`` on ``targets`` (q and v),
        A: r×in ~ N(0, 0.02²), B = 0, and S2 holding ``num_sparse`` values, initially 0, on a
-       fixed support Ω = top-N ``|S|`` of the GreBsmo decomposition ``W0 ≈ U·V + S`` (eq. 2),
-       computed on rank 0 and broadcast. Only A, B, S2 (and the head) train.
+       fixed support Ω = top-N ``|S|`` of a decomposition ``W0 ≈ U·V + S`` with ``card(S) = N``
+       and ``rank(U·V) ≤ decompose_rank`` (eq. 2, GreBsmo; sparseft's solver, not the reference's
+       loop, which ``support: grebsmo_reference`` reproduces), computed on rank 0 and broadcast.
+       Only A, B, S2 (and the head) train.
     2. **Pruning** at the first step the schedule gives a sparsity above 0 (default: one shot
        half-way), of the *effective* weight ``W0 + ΔW`` (the mask is inside the
        parametrization, so the merged model is really sparse; the reference masks W0 only):
@@ -80,9 +82,13 @@ class DSEE(SparsityStrategy):
         schedule: when pruning happens (default: one shot at half of the optimizer steps).
         rank: r of ``B·A``.
         alpha: α; ΔW is scaled by α/r.
-        num_sparse: N, the size of Ω in every target matrix.
-        support: ``grebsmo`` (paper), ``magnitude`` (top-N ``|W0|``) or ``random``.
-        decompose_rank: rank of the low-rank part of the GreBsmo decomposition.
+        num_sparse: N, the size of Ω in every target matrix (64, the paper's text; the reference's
+            ``run_glue.py`` defaults to 128 and its scripts pass 16).
+        support: ``grebsmo`` (rank ≤ ``decompose_rank``, ``card(S) = N``), ``grebsmo_reference``
+            (the official loop and ``kthvalue >=`` rule: more than N entries on ties, all of them
+            when its rank saturates, as on any matrix with a side of 496 or less; a warning names
+            the layer), ``magnitude`` (top-N ``|W0|``) or ``random``.
+        decompose_rank: rank cap of ``U·V`` for ``grebsmo`` (the reference grows it to 496).
         seed: seed of the support choice.
         learning_rate: learning rate of A, B and S2 before pruning (None: the model's).
         retune_learning_rate: learning rate of A, B and S2 after pruning (None: as before).
@@ -147,6 +153,11 @@ class DSEE(SparsityStrategy):
             chunks = layer.weight().detach().float().cpu().chunk(layer.fused_matrices)
             supports[layer.name] = [sparse_support(chunk, self.num_sparse, self.support, self.decompose_rank,
                                                    generator) for chunk in chunks]
+            selected, wanted = sum(s.numel() for s in supports[layer.name]), self.num_sparse * len(chunks)
+            if selected > wanted:  # only grebsmo_reference's `kthvalue >=` rule keeps ties
+                why = "dense S2: its S is 0" if selected == layer.weight().numel() else "ties in |S|"
+                rank_zero_warn(f"DSEE {self.support}: {layer.name} selects {selected} of {layer.weight().numel()} "
+                               f"entries, not {wanted} ({why})")
         return supports
 
     def make_delta(self, layer: LinearLayer) -> nn.Module | None:
