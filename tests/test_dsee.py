@@ -206,11 +206,11 @@ def test_one_shot_boundary_prunes_and_restarts_optimizer_and_lr_schedule(tmp_pat
     assert len({row[1] for row in before}) == 1 and len({row[1] for row in after}) == 1
     assert before[0][1] != after[0][1]  # a new optimizer ...
     assert after[0][3] == 0 and after[-1][3] == 5  # ... with fresh Adam state
-    # module schedule over 12 steps: warm-up (s+1)/3 for s < 2, then (12 - s)/10
-    assert [row[2][-1] for row in before] == pytest.approx([1e-2 * f for f in (1 / 3, 2 / 3, 1, .9, .8, .7)])
+    # module schedule over 12 steps: warm-up s/2 for s < 2 (transformers' shape), then (12 - s)/10
+    assert [row[2][-1] for row in before] == pytest.approx([1e-2 * f for f in (0, 1 / 2, 1, .9, .8, .7)])
     # restarted and stretched over the 6 steps left: factor 2, so s -> f(2s)
-    assert [row[2][-1] for row in after] == pytest.approx([1e-2 * f for f in (1 / 3, 1, .8, .6, .4, .2)])
-    assert [row[2][0] for row in after] == pytest.approx([5e-3 * f for f in (1 / 3, 1, .8, .6, .4, .2)])
+    assert [row[2][-1] for row in after] == pytest.approx([1e-2 * f for f in (0, 1, .8, .6, .4, .2)])
+    assert [row[2][0] for row in after] == pytest.approx([5e-3 * f for f in (0, 1, .8, .6, .4, .2)])
     assert strategy.measured_sparsity() == pytest.approx(0.5, abs=1e-3)
     assert module.model.bert.encoder.layer[0].attention.self.query.parametrizations.weight[0].mask.float().mean() < 1
 
