@@ -118,7 +118,8 @@ class SPDF(SparsityStrategy):
 
     def _densify_for_dense_state(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """Loading a checkpoint written after the switch (plain weights, no masks): switch first."""
-        if self.layers and f"{prefix}{self.layers[0].name}{PARAMETRIZED_SUFFIX}" not in state_dict:
+        name = f"{prefix}{self.layers[0].name}" if self.layers else None
+        if name and f"{name}.weight" in state_dict and f"{name}{PARAMETRIZED_SUFFIX}" not in state_dict:
             self._drop_masks()
 
     def _drop_masks(self, optimizers: list[torch.optim.Optimizer] = ()) -> None:
@@ -133,6 +134,7 @@ class SPDF(SparsityStrategy):
             masks = trainer.strategy.broadcast([layer.mask.cpu() for layer in self.layers], src=0)
             for layer, keep in zip(self.layers, masks, strict=True):
                 layer.set_mask_(keep)
+            self._measure()
         mask_weights_and_state_(self.layers, [])
         self._prepared = True
 
