@@ -35,3 +35,37 @@ def test_summary_takes_medians_and_each_repetitions_own_dense_ratio():
     assert pst["step_time_vs_dense_range"] == pytest.approx([0.9, 1.1])
     assert pst["peak_memory_vs_dense"] == pytest.approx(0.8) and pst["repetitions"] == 3
     assert "0.95 (0.90–1.10)" in compare.format_table([dense, pst])
+
+
+_S2FT_SPEC = importlib.util.spec_from_file_location(
+    "s2ft_memory", Path(__file__).parents[1] / "benchmarks" / "s2ft_memory.py")
+s2ft_memory = importlib.util.module_from_spec(_S2FT_SPEC)
+_S2FT_SPEC.loader.exec_module(s2ft_memory)
+
+
+def test_s2ft_memory_benchmark_measures_every_component_on_a_tiny_llama(tmp_path):
+    from sparseft.testing import make_tiny_model_dir
+
+    directory = make_tiny_model_dir(tmp_path / "llama", "llama", task="causal-lm")  # 2 blocks, 4 heads of 8, d_ff 64
+    args = s2ft_memory.parse_args([
+        "--backbone", str(directory), "--batch_size", "2", "--seq_len", "8", "--steps", "2", "--warmup", "1",
+        "--lora_rank", "2", "--head_ratio", "0.25", "--channel_ratio", "0.1", "--device", "cpu"])
+    full, lora, s2ft = memory = [s2ft_memory.memory_run(method, args) for method in s2ft_memory.METHODS]
+    assert full["trainable_parameters"] == full["total_parameters"]
+    assert full["gradients"] == 4 * full["trainable_parameters"]  # float32
+    assert full["optimizer_state"] == 2 * full["gradients"]  # AdamW: two moments
+    assert full["weights"] >= full["gradients"]  # + buffers (rotary frequencies)
+    # S²FT: 2 of 8 (block, head) pairs x 8 columns x 32 rows of o_proj + 12 of 128 channels x 32 rows
+    assert s2ft["trainable_parameters"] == 2 * 8 * 32 + 12 * 32
+    # LoRA r=2 per block: q 2(32+32), k and v 2(32+16), up and down 2(32+64)
+    assert lora["trainable_parameters"] == 2 * (128 + 96 + 96 + 192 + 192)
+    for result in memory:
+        assert result["gradients"] == 4 * result["trainable_parameters"]
+        assert result["optimizer_state"] == 8 * result["trainable_parameters"]
+        assert result["peak_tensors"] >= result["weights"] + result["optimizer_state"]
+        assert result["activations"] > 0 and isinstance(result["peak_rss"], int)  # RSS: meaningful in a fresh process
+    assert s2ft["activations"] < full["activations"]  # frozen linears save no input
+    timing = s2ft_memory.timing_run(args)
+    assert timing["full"]["step_vs_full"] == 1.0 and all(timing[m]["median_step_s"] > 0 for m in s2ft_memory.METHODS)
+    table = s2ft_memory.format_table(memory, timing)
+    assert "| s2ft | 896 |" in table and "| full |" in table and "1.00 (1.00–1.00)" in table
