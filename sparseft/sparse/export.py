@@ -46,14 +46,16 @@ def export_pretrained(
             pruning (see ``SparsityStrategy.structured``).
 
     Returns:
-        The report that was written; ``structured`` describes what shrinking removed.
+        The report that was written; ``structured`` describes what shrinking removed, and
+        ``trainable_parameters`` what fine-tuning trained (counted before merging).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    trained, _ = count_parameters(model)  # merging folds the trained factors into frozen weights
     target_names = [layer.name for layer in sparse_layers(model)]
     target_names += restore_linear_(model)  # S²FT slice layers: merged, original module types back
     merge_(model)
-    report = {**(extra or {}), **build_report(model, target_names)}
+    report = {**(extra or {}), **build_report(model, target_names, trained)}
     if shrink:
         report["structured"] = _shrink_for_export_(model, output_dir)
     model.save_pretrained(output_dir)

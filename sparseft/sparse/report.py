@@ -88,22 +88,24 @@ def _effective_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(params.items())
 
 
-def build_report(model: nn.Module, target_names: list[str] | None = None) -> dict:
+def build_report(model: nn.Module, target_names: list[str] | None = None, trainable: int | None = None) -> dict:
     """A JSON-ready summary: overall and per-layer sparsity, parameters, FLOPs.
 
     ``target_names`` are the layers the overall ``target_sparsity`` is measured over; the
     default is the layers currently sparsified (pass them explicitly after a merge).
+    ``trainable`` is what fine-tuning trained, counted before a merge folded the strategy's
+    tensors (LoRA factors, scores, slices) into frozen weights; the default counts ``model`` now.
     """
     layers = measure_layers(model, only_sparsified=False)
     names = set(target_names) if target_names is not None else {s.name for s in sparse_layers(model)}
     targets = [s for s in layers if s.name in names]
     target_numel = sum(s.numel for s in targets)
-    trainable, total = count_parameters(model)
+    trainable_now, total = count_parameters(model)
     dense_flops, sparse_flops = linear_flops_per_token(model)
     return {
         "target_sparsity": 1.0 - sum(s.nonzero for s in targets) / max(target_numel, 1),
         "target_weights": target_numel,
-        "trainable_parameters": trainable,
+        "trainable_parameters": trainable_now if trainable is None else trainable,
         "total_parameters": total,
         "linear_flops_per_token": {"dense": dense_flops, "sparse": sparse_flops},
         "remaining_weights": remaining_weights(model, [s.name for s in targets]),
