@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
+from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse.adapters import extract_adapter, save_adapter
@@ -41,7 +42,9 @@ class SparseFTCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, **kwargs)
+        # --optimizer / --lr_scheduler go to the module, which builds them from the strategies' groups
+        super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
+                         **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SparsityStrategy, "sparsity", subclass_mode=True, required=False)
@@ -50,6 +53,7 @@ class SparseFTCLI(LightningCLI):
         )
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.task_type", "model.task", apply_on="instantiate")
+        add_optimizer_arguments(parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
@@ -64,7 +68,8 @@ class SparseFTCLI(LightningCLI):
 
 
 def expand_strategy_names(argv: list[str]) -> list[str]:
-    """Let ``--sparsity magnitude`` (a registry name) stand for the strategy's class path."""
+    """Let ``--sparsity magnitude`` (a registry name) stand for the strategy's class path; a strategy
+    that replaces another starts from its own defaults (:func:`start_switched_strategies_fresh`)."""
     expanded = list(argv)
     for index, arg in enumerate(expanded):
         if arg.startswith("--sparsity=") and "." not in arg.partition("=")[2]:
@@ -75,7 +80,7 @@ def expand_strategy_names(argv: list[str]) -> list[str]:
             if value and "." not in value and not value.startswith(("{", "-")) and value.lower() != "null":
                 cls = get_strategy(value)
                 expanded[index + 1] = f"{cls.__module__}.{cls.__qualname__}"
-    return expanded
+    return start_switched_strategies_fresh(expanded)
 
 
 def list_strategies() -> str:

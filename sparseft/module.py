@@ -8,19 +8,20 @@ The module knows nothing of sparsity methods: strategies (callbacks) attach to
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
 from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
 from sparseft.distillation import distillation_loss
+from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -36,22 +37,29 @@ class SparseFTModule(LightningModule):
         num_labels: classes for sequence classification. Linked from the datamodule by the CLI.
         config: instead of ``backbone``, a config dict with ``model_type`` for a random model.
         tokenizer: tokenizer name or path when it differs from ``backbone`` (required with ``config``).
-        learning_rate: peak learning rate of AdamW for the backbone's parameters.
-        weight_decay: AdamW weight decay; never applied to biases and LayerNorm weights.
+        learning_rate: peak learning rate (the optimizer's ``lr``) for the backbone's parameters and
+            for strategy groups that set none.
+        weight_decay: weight decay of the backbone's matrices; never applied to biases and LayerNorm weights.
         warmup_ratio: fraction of optimizer steps with linear learning-rate warm-up, followed by
-            linear decay to zero; the rate is ``step / warm-up`` (0 at the first step), as
+            the ``lr_schedule``; the rate is ``step / warm-up`` (0 at the first step), as
             transformers' ``get_linear_schedule_with_warmup`` and the methods' reference scripts.
-        adam_epsilon: AdamW epsilon.
-        adam_betas: AdamW ``(β₁, β₂)``; GPT pre-training recipes (SPDF, Cerebras-GPT) use (0.9, 0.95).
-        lr_schedule: decay after the warm-up: ``linear`` to ``min_lr_ratio · learning_rate`` at the
-            last step, or ``cosine``: ``min + (1 − min)·(1 + cos(π·p))/2`` with ``p`` the post-warm-up
-            progress (Cerebras' cosine to 6e-5 from 6e-4 is ``min_lr_ratio: 0.1``).
+        adam_epsilon: AdamW epsilon (None: 1e-8); only with the default optimizer.
+        adam_betas: AdamW ``(β₁, β₂)`` (None: (0.9, 0.999)); GPT pre-training recipes (SPDF,
+            Cerebras-GPT) use (0.9, 0.95). Only with the default optimizer.
+        lr_schedule: after the warm-up: ``linear`` decay to ``min_lr_ratio · learning_rate`` at the
+            last step, ``cosine``: ``min + (1 − min)·(1 + cos(π·p))/2`` with ``p`` the post-warm-up
+            progress (Cerebras' cosine to 6e-5 from 6e-4 is ``min_lr_ratio: 0.1``), or ``constant``.
+            None: ``linear``.
         min_lr_ratio: final learning rate as a fraction of the peak (default 0: decay to zero).
         teacher: a fine-tuned model (name or path) to distil from, with any strategy; None: no
             distillation. The teacher is frozen, in eval mode, and not saved in checkpoints.
         distill_temperature: softening temperature T of the teacher and student logits.
         distill_alpha_ce: weight of the task loss when distilling.
         distill_alpha_kd: weight of the distillation loss ``T² · KL``.
+        optimizer: the optimizer class and its arguments (``--optimizer`` on the command line), built
+            from :meth:`param_groups` with ``lr=learning_rate``; None: AdamW.
+        lr_scheduler: a ``torch.optim.lr_scheduler`` class and its arguments (``--lr_scheduler``),
+            stepped every optimizer step, in place of the built-in schedule; None: the built-in one.
     """
 
     def __init__(
@@ -64,19 +72,22 @@ class SparseFTModule(LightningModule):
         learning_rate: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
-        adam_epsilon: float = 1e-8,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        lr_schedule: Literal["linear", "cosine"] = "linear",
+        adam_epsilon: float | None = None,
+        adam_betas: tuple[float, float] | None = None,
+        lr_schedule: Literal["linear", "cosine", "constant"] | None = None,
         min_lr_ratio: float = 0.0,
         teacher: str | None = None,
         distill_temperature: float = 2.0,
         distill_alpha_ce: float = 0.1,
         distill_alpha_kd: float = 0.9,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if lr_schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; use linear or cosine")
+        check_options(optimizer, lr_scheduler, adam_epsilon=adam_epsilon, adam_betas=adam_betas,
+                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
+        self._optimizer_factory, self._lr_scheduler_factory = optimizer, lr_scheduler
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
         self.model = load_backbone(task, backbone, config, num_labels).train()
         self.metric_sets = nn.ModuleDict()
@@ -192,24 +203,15 @@ class SparseFTModule(LightningModule):
         return [group for group in groups if group["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.param_groups(), lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon,
-            betas=tuple(self.hparams.get("adam_betas", (0.9, 0.999))),
-        )
+        """The optimizer (AdamW or ``optimizer``) over :meth:`param_groups`, stepped every step by the
+        built-in schedule or ``lr_scheduler`` (see :mod:`sparseft.optim`)."""
+        hparams = self.hparams
+        optimizer = build_optimizer(self.param_groups(), hparams.learning_rate, self._optimizer_factory,
+                                    hparams.get("adam_epsilon"), hparams.get("adam_betas"))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.warmup_steps = int(self.hparams.warmup_ratio * total)
-
-        floor = float(self.hparams.get("min_lr_ratio", 0.0))
-        cosine = self.hparams.get("lr_schedule", "linear") == "cosine"
-
-        def linear_warmup_decay(step: int) -> float:
-            if step < warmup:  # transformers' get_linear_schedule_with_warmup: 0 at step 0
-                return step / warmup
-            remaining = max(0.0, (total - step) / max(1, total - warmup))
-            decay = 0.5 * (1.0 - math.cos(math.pi * remaining)) if cosine else remaining
-            return floor + (1.0 - floor) * decay
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        warmup = self.warmup_steps = int(hparams.warmup_ratio * total)
+        scheduler = build_lr_scheduler(optimizer, total, warmup, self._lr_scheduler_factory,
+                                       hparams.get("lr_schedule"), float(hparams.get("min_lr_ratio", 0.0)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -237,7 +239,7 @@ class SparseFTModule(LightningModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-        hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY], teacher=None)
+        hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY], teacher=None, optimizer=None, lr_scheduler=None)
         hparams["tokenizer"] = hparams.get("tokenizer") or checkpoint["hyper_parameters"].get("backbone")
         module = cls(**hparams)
         strategy = build_strategy(checkpoint[CHECKPOINT_KEY]) if CHECKPOINT_KEY in checkpoint else None
