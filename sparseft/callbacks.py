@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -40,3 +42,42 @@ class PredictionWriter(BasePredictionWriter):
             rows.append(f"{index}\t{label}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rows) + "\n")
+
+
+class RandomState(Callback):
+    """Checkpoint the random generators (torch CPU and CUDA, Python, NumPy), so that dropout after
+    a resume draws exactly what the uninterrupted run drew.
+
+    The state is captured when the checkpoint is written and put back when training starts, after
+    the sanity check and anything else a restart runs before its first step. With several
+    processes the checkpoint holds rank 0's generators and every rank gets them back.
+    ``SparseFTModule.configure_callbacks`` adds it to every run.
+
+    Runs on: ``state_dict`` (checkpoint save), ``load_state_dict`` (restore), ``on_train_start``.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+        numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+        # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state, self._pending = self._pending, None
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])

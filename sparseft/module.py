@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
+from sparseft.callbacks import RandomState
 from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
@@ -215,6 +216,10 @@ class SparseFTModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ---------------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        """Every run checkpoints its random generators, so a resumed run's dropout is the same."""
+        return [RandomState()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
 

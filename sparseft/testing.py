@@ -20,6 +20,7 @@ from torchmetrics.classification import Accuracy
 from transformers import PreTrainedTokenizerFast
 
 from sparseft.backbone import build_config, load_backbone
+from sparseft.datamodules.order import TrainingOrder
 from sparseft.sparse.parametrize import sparse_layers
 
 _CORPUS = """
@@ -118,16 +119,20 @@ def make_tiny_model_dir(
 class SyntheticClassificationData(LightningDataModule):
     """A learnable toy task on random token ids: is token 5 more frequent than token 6?
 
-    No tokenizer and no files: fast, deterministic (fixed order, seeded data) batches for
-    strategy tests that need real gradient signal. Exposes the same task interface as the
-    text datamodules (``num_labels``, ``task_type``, ``val_names``, ``build_metrics``).
+    No tokenizer and no files: fast, deterministic (seeded data; fixed order, or with ``shuffle``
+    the text datamodules' resumable per-epoch order) batches for strategy tests that need real
+    gradient signal. Exposes the same task interface as the text datamodules (``num_labels``,
+    ``task_type``, ``val_names``, ``build_metrics``).
     """
 
     num_labels = 2
     task_type = "sequence-classification"
     val_names = ["validation"]
 
-    def __init__(self, size: int = 64, seq_len: int = 12, vocab_size: int = 400, batch_size: int = 8, seed: int = 0):
+    def __init__(
+        self, size: int = 64, seq_len: int = 12, vocab_size: int = 400, batch_size: int = 8, seed: int = 0,
+        shuffle: bool = False,
+    ):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(7, vocab_size, (size, seq_len), generator=generator)
@@ -137,7 +142,14 @@ class SyntheticClassificationData(LightningDataModule):
             {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": label}
             for row, label in zip(ids, labels)
         ]
-        self.batch_size = batch_size
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.training_order = TrainingOrder(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training_order": self.training_order.state_dict(self.trainer)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.training_order.load_state_dict(state_dict.get("training_order"))
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"accuracy": Accuracy(task="multiclass", num_classes=2)})
@@ -146,7 +158,10 @@ class SyntheticClassificationData(LightningDataModule):
         return DataLoader(self.examples, batch_size=self.batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader()
+        if not self.shuffle:
+            return self._loader()
+        sampler = self.training_order.sampler(len(self.examples), self.batch_size, self.trainer)
+        return DataLoader(self.examples, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

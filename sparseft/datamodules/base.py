@@ -22,6 +22,7 @@ from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparseft.backbone import load_tokenizer
+from sparseft.datamodules.order import TrainingOrder
 
 
 def logits_to_predictions(logits: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,9 @@ class TextDataModule(LightningDataModule):
         max_eval_samples: use the first this many evaluation examples (quick runs).
         seed: seed of the training subset choice and of the training shuffle order. The
             order has its own generator, so it is the same for every model and strategy
-            (whatever random numbers their setup draws) and for every global seed.
+            (whatever random numbers their setup draws) and for every global seed. Epoch ``e``
+            is shuffled with ``seed + e``; a checkpoint records the position in the epoch, so
+            ``--ckpt_path`` resumes at the next batch (:mod:`sparseft.datamodules.order`).
     """
 
     task_type: ClassVar[str] = "sequence-classification"
@@ -85,6 +88,7 @@ class TextDataModule(LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.seed = seed
+        self.training_order = TrainingOrder(seed)
         self.datasets: dict[str, datasets.Dataset] = {}
 
     # ---- what a task implements ------------------------------------------------------------
@@ -169,13 +173,21 @@ class TextDataModule(LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise RuntimeError(f"dataset {name!r} was not set up; call setup() for its stage first")
-        # a generator of its own: the order depends on ``seed`` only, not on how many random
-        # numbers model and strategy setup drew from the global generator before the first epoch
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.datasets[name]
+        # the order depends on ``seed`` and the epoch only; the loader's own generator (worker seeds)
+        # keeps every loader from drawing on the global generator, which dropout uses
+        sampler = self.training_order.sampler(len(dataset), self.batch_size, self.trainer) if shuffle else None
         return DataLoader(
-            self.datasets[name], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate, generator=generator,
+            dataset, batch_size=self.batch_size if shuffle else self.eval_batch_size, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=self.collate, generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training loop is in the training order (Lightning saves it in checkpoints)."""
+        return {"training_order": self.training_order.state_dict(self.trainer)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.training_order.load_state_dict(state_dict.get("training_order"))
 
     def _loaders(self, split: str) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(name, shuffle=False) for name in self.split_names(split)]
