@@ -53,13 +53,23 @@ class RandomState(Callback):
     processes the checkpoint holds rank 0's generators and every rank gets them back.
     ``SparseFTModule.configure_callbacks`` adds it to every run.
 
-    Runs on: ``state_dict`` (checkpoint save), ``load_state_dict`` (restore), ``on_train_start``.
+    Runs on: ``on_train_batch_start`` (a copy, for checkpoints written mid-step by an interrupt),
+    ``state_dict`` (checkpoint save), ``load_state_dict`` (restore), ``on_train_start``.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._trainer: Trainer | None = None
+        self._batch_start: dict[str, Any] | None = None
 
-    def state_dict(self) -> dict[str, Any]:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start = self.capture()
+
+    @staticmethod
+    def capture() -> dict[str, Any]:
         name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
         numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
         # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
@@ -67,6 +77,14 @@ class RandomState(Callback):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators now or, for a checkpoint written mid-step (an interrupt), at the step's start:
+        a resume runs that step again and must draw what it drew."""
+        progress = self._trainer.fit_loop.epoch_loop.batch_progress.current if self._trainer else None
+        if progress is not None and progress.started > progress.processed and self._batch_start is not None:
+            return self._batch_start
+        return self.capture()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
+from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
@@ -64,7 +65,16 @@ class SparseFTCLI(LightningCLI):
         configured = config.get("callbacks") or []
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in configured):
             callbacks.append(PredictionWriter())
+        if self.subcommand == "fit":
+            callbacks += resumable_fit(config, configured)
         return self._instantiate_trainer(config, callbacks)
+
+
+def resumable_fit(config: dict[str, Any], configured: list[Any]) -> list[Callback]:
+    """A fit always leaves a checkpoint of its last state, also on Ctrl-C or an exception, and writes
+    checkpoints next to their target (:mod:`sparseft.checkpointing`); edits ``config["plugins"]``."""
+    config["plugins"] = with_checkpoint_io(config.get("plugins"))
+    return fit_checkpoint_callbacks(configured, config.get("enable_checkpointing") is not False)
 
 
 def expand_strategy_names(argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ directory that every sparseft entry point accepts as ``backbone``.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,17 @@ class MaskDigest(Callback):
         path = Path(self.directory) / f"masks-rank{trainer.global_rank}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(digest.hexdigest())
+
+
+class StepDelay(Callback):
+    """Sleep after every training step: gives a test time to kill a run at a chosen point.
+
+    Args:
+        seconds: how long to sleep after each step.
+    """
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        time.sleep(self.seconds)

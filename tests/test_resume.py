@@ -115,6 +115,30 @@ def test_resume_from_modelcheckpoint_files(val_batches, val_check_interval, name
         assert_same_run(expected, got)
 
 
+class Interrupt(Callback):
+    """Raise mid-step (after forward and backward drew their dropout) at optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step:
+            raise RuntimeError("interrupted")
+
+
+def test_the_checkpoint_saved_on_an_interrupt_resumes_to_the_uninterrupted_run(tmp_path):
+    expected = run(make_strategy("pst"), tmp_path / "straight", straight := Recorder())
+    on_exception = ModelCheckpoint(tmp_path / "ckpts", filename="interrupted", save_on_exception=True, save_top_k=0)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(make_strategy("pst"), tmp_path / "interrupted", Recorder(), callbacks=[on_exception, Interrupt(8)],
+            enable_checkpointing=True)
+    resumed = Recorder()
+    got = run(make_strategy("pst"), tmp_path / "resumed", resumed, ckpt_path=str(tmp_path / "ckpts/interrupted.ckpt"))
+    assert sorted(resumed.batches) == list(range(8, STEPS + 1)), "the interrupted step runs again"
+    assert all(resumed.batches[step] == straight.batches[step] for step in resumed.batches)
+    assert_same_run(expected, got)
+
+
 def test_each_epoch_has_its_own_order_from_seed_and_epoch():
     sampler = EpochShuffleSampler(10, seed=3)
     first = list(sampler)

@@ -1,0 +1,100 @@
+"""A fit always leaves a checkpoint of its last state (also on an interrupt), checkpoints are whole or
+absent and never staged in the system temporary directory, and a SIGKILLed ``sparseft fit``
+resumed with ``--ckpt_path`` ends exactly where the uninterrupted run does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from sparseft.checkpointing import SideBySideCheckpointIO, fit_checkpoint_callbacks, with_checkpoint_io
+from sparseft.cli import main
+from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
+
+
+def test_fit_adds_last_and_on_exception_checkpoints_unless_configured():
+    (added,) = fit_checkpoint_callbacks([])
+    assert added.save_last and added.save_on_exception
+    configured = ModelCheckpoint(save_last=False)
+    assert fit_checkpoint_callbacks([configured]) == [] and configured.save_last and configured.save_on_exception
+    assert fit_checkpoint_callbacks([], enabled=False) == []
+    io = SideBySideCheckpointIO()
+    assert with_checkpoint_io(None)[0].__class__ is SideBySideCheckpointIO and with_checkpoint_io([io]) == [io]
+
+
+def test_a_fit_that_ends_before_any_validation_leaves_last_ckpt(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=3", "--trainer.val_check_interval=5"))
+    assert [path.name for path in root.rglob("*.ckpt")] == ["last.ckpt"]
+
+
+def test_checkpoints_are_staged_next_to_the_target_not_in_the_temp_dir(tmp_path, monkeypatch):
+    temp = tmp_path / "system-temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    target = tmp_path / "ckpts" / "last.ckpt"
+    SideBySideCheckpointIO().save_checkpoint({"weights": torch.ones(3)}, target)
+    assert torch.equal(torch.load(target)["weights"], torch.ones(3))
+    assert list(temp.iterdir()) == [] and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed save keeps the previous checkpoint whole
+        SideBySideCheckpointIO().save_checkpoint({"weights": torch.zeros(3), "x": Unpicklable()}, target)
+    assert torch.equal(torch.load(target)["weights"], torch.ones(3))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+def fit_command(model_dir: Path, data_dir: Path, root: Path, *extra: str) -> list[str]:
+    args = [a for a in fit_args(model_dir, data_dir, root) if "max_steps" not in a]
+    return [sys.executable, "-m", "sparseft.cli", *args, "--trainer.max_steps=16", *extra]
+
+
+def final_state(root: Path) -> dict[str, torch.Tensor]:
+    (last,) = root.rglob("last.ckpt")
+    return torch.load(last, weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_resume_through_the_cli_is_the_uninterrupted_run(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """6 batches an epoch; a checkpoint every 4 steps; killed once step 8's is written (epoch 1)."""
+    periodic = ["--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
+                "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
+                "--trainer.callbacks.filename={step}"]
+    temp = tmp_path / "system-temp"  # the runs' temporary directory: nothing may be left in it
+    temp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
+    straight = tmp_path / "straight"
+    subprocess.run(fit_command(tiny_bert_dir, sst2_dir, straight, *periodic), env=env, check=True,
+                   capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    slow = ["--trainer.callbacks+=sparseft.testing.StepDelay", "--trainer.callbacks.seconds=0.5"]
+    process = subprocess.Popen(fit_command(tiny_bert_dir, sst2_dir, killed, *periodic, *slow), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(killed.rglob("step=8.ckpt")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run should have been killed before it ended"
+    (checkpoint,) = killed.rglob("step=8.ckpt")
+    assert list(temp.iterdir()) == []
+
+    resumed = tmp_path / "resumed"
+    subprocess.run(fit_command(tiny_bert_dir, sst2_dir, resumed, *periodic, f"--ckpt_path={checkpoint}"),
+                   env=env, check=True, capture_output=True, timeout=600)
+    expected, got = final_state(straight), final_state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
