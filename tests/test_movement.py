@@ -78,6 +78,21 @@ def test_default_schedule_is_the_references_one_and_two_lr_warmups():
     assert schedule.window(1000, lr_warmup_steps=100) == (100, 800)
 
 
+def test_schedule_in_lr_warmups_without_an_lr_warmup_is_refused(tmp_path):
+    # the reference would prune from step 0 (t_i = t_f = 0 warm-ups of a 0-step LR warm-up)
+    module = SparseFTModule(config=tiny_config("bert"), num_labels=2, warmup_ratio=0.0)
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[Movement(sparsity=0.5)])
+    with pytest.raises(ValueError, match="counts its warm-ups in learning-rate warm-ups"):
+        trainer.fit(module, SyntheticClassificationData(size=16))
+
+
+def test_initial_sparsity_above_the_final_one_is_refused():
+    with pytest.raises(ValueError, match="would un-prune weights"):
+        Movement(sparsity=0.3, schedule=SparsitySchedule(initial_sparsity=0.6))
+
+
 def test_soft_mask_threshold_penalty_and_floor():
     _, strategy = one_linear(variant="soft", final_threshold=0.5, final_lambda=10.0,
                              schedule=SparsitySchedule(initial_warmup=0.0, final_warmup=0.0, warmup_unit="steps"))

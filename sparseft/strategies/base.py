@@ -99,6 +99,11 @@ class SparsityStrategy(Callback):
         self.final_sparsity = check_sparsity(sparsity)
         self.targets = targets
         self.schedule = schedule or SparsitySchedule()
+        if self.schedule.ramps and self.schedule.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"schedule.initial_sparsity {self.schedule.initial_sparsity} is above sparsity {self.final_sparsity}: "
+                "the ramp would un-prune weights during the run; set initial_sparsity <= sparsity"
+            )
         self.pattern = pattern
         self._check_pattern(MaskPattern.parse(pattern))
         self.log_layers = log_layers
@@ -202,6 +207,12 @@ class SparsityStrategy(Callback):
             rank_zero_warn(f"resumed run has {total} optimizer steps, the checkpoint's had {self.total_steps}")
         self.total_steps = total
         self.lr_warmup_steps = int(getattr(pl_module, "warmup_steps", 0))
+        if self.schedule.warmup_unit == "lr_warmup" and self.schedule.kind != "constant" and not self.lr_warmup_steps:
+            raise ValueError(
+                "the sparsity schedule counts its warm-ups in learning-rate warm-ups (warmup_unit: lr_warmup), but "
+                "this run has none, so pruning would start at step 0: set --model.warmup_ratio (e.g. 0.06) or "
+                "give the schedule warmup_unit: fraction"
+            )
         if self.schedule.kind != "constant":
             self.schedule.window(total, self.lr_warmup_steps)  # fail now, not silently mid-run
         trainable, all_params = count_parameters(pl_module)
