@@ -27,3 +27,8 @@ __all__ = [
     "RawTextDataModule", "SparseFTModule", "SparsityStrategy", "SquadDataModule", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
 ]
+
+from sparseft.sparse.compressed import load_compressed  # noqa: E402  (kept apart from the list above)
+from sparseft.sparse.semi_structured import to_semi_structured  # noqa: E402
+
+__all__ += ["load_compressed", "to_semi_structured"]

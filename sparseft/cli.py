@@ -5,7 +5,8 @@
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
 * ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
 * ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory;
-  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`).
+  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`);
+  ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.sparse.compressed`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
 """
@@ -27,6 +28,7 @@ from sparseft.cli_options import add_optimizer_arguments, start_switched_strateg
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse.adapters import extract_adapter, save_adapter
+from sparseft.sparse.compressed import WEIGHT_FORMATS
 from sparseft.sparse.export import export_pretrained
 from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies, get_strategy
@@ -110,6 +112,9 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
     parser.add_argument("--adapter_path", type=str, default=None,
                         help="also write the update alone as a structured adapter file (S²FT: indices, update, base)")
+    parser.add_argument("--format", choices=WEIGHT_FORMATS, default="dense",
+                        help="weights as a plain model.safetensors (dense) or as bitmask + non-zero values per sparse "
+                             "tensor (compressed: load with trust_remote_code=True or sparseft.load_compressed)")
     args = parser.parse_args(argv)
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
     if args.adapter_path:
@@ -118,7 +123,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured
-    report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink)
+    report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink,
+                               weight_format=args.format)
     print(
         f"exported to {args.output_dir}: target sparsity {report['target_sparsity']:.4f} over "
         f"{report['target_weights']:,} weights; linear FLOPs/token {report['linear_flops_per_token']}"

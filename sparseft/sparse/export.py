@@ -12,7 +12,11 @@ express the new shapes (heads of BERT, RoBERTa, GPT-2), the directory also holds
 S²FT's slice layers (:mod:`sparseft.sparse.slices`) are merged too and become their original
 ``nn.Linear`` / ``Conv1D`` again, index-aligned with the base model. Unstructured exports never
 shrink, even where a channel happens to be all zeros, so they always load with a plain
-``from_pretrained``.
+``from_pretrained`` (unless stored compressed).
+
+With ``weight_format="compressed"`` the weights are stored as a bitmask and the non-zero values
+per sparse tensor (:mod:`sparseft.sparse.compressed`); the directory then loads with
+``from_pretrained(path, trust_remote_code=True)`` or ``sparseft.load_compressed(path)``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from sparseft.sparse.compressed import add_compressed_code_, check_weight_format, compress_saved_weights_
 from sparseft.sparse.parametrize import merge_, sparse_layers
 from sparseft.sparse.report import build_report, count_parameters, linear_flops_per_token
 from sparseft.sparse.shrink import add_remote_code_, shrink_
@@ -33,7 +38,7 @@ REPORT_FILE = "report.json"
 
 def export_pretrained(
     model: nn.Module, output_dir: str | Path, tokenizer: Any = None, extra: dict[str, Any] | None = None,
-    shrink: bool = False,
+    shrink: bool = False, weight_format: str = "dense",
 ) -> dict[str, Any]:
     """Merge ``model`` in place, save it (and the tokenizer) to ``output_dir``, write the report.
 
@@ -44,11 +49,15 @@ def export_pretrained(
         extra: more fields for ``report.json`` (strategy name and settings, for example).
         shrink: physically remove all-zero heads and FFN channels (in place); for structured
             pruning (see ``SparsityStrategy.structured``).
+        weight_format: ``dense`` (a plain ``model.safetensors``) or ``compressed`` (bitmask and
+            non-zero values per sparse tensor; not with ``shrink``).
 
     Returns:
         The report that was written; ``structured`` describes what shrinking removed, and
-        ``trainable_parameters`` what fine-tuning trained (counted before merging).
+        ``trainable_parameters`` what fine-tuning trained (counted before merging), and
+        ``weights`` the compressed file's size next to the dense one's.
     """
+    check_weight_format(weight_format, shrink)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trained, _ = count_parameters(model)  # merging folds the trained factors into frozen weights
@@ -58,7 +67,11 @@ def export_pretrained(
     report = {**(extra or {}), **build_report(model, target_names, trained)}
     if shrink:
         report["structured"] = _shrink_for_export_(model, output_dir)
+    if weight_format == "compressed":
+        add_compressed_code_(model, output_dir)
     model.save_pretrained(output_dir)
+    if weight_format == "compressed":
+        report["weights"] = compress_saved_weights_(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -166,10 +166,15 @@ def add_remote_code_(model: nn.Module, output_dir: str | Path, spec: dict[str, A
     source += f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
     source += f"Resized{base.__name__} = resized_class({base.__name__})\n"
     Path(output_dir, REMOTE_CODE_FILE).write_text(source)
-    module_name = REMOTE_CODE_FILE.removesuffix(".py")
     setattr(model.config, RESIZED_KEY, spec)
-    model.config.auto_map = {auto: f"{module_name}.Resized{base.__name__}" for auto in AUTO_CLASSES
-                             if _auto_model_class(auto, model.config) is base}
+    point_auto_map_(model, REMOTE_CODE_FILE, f"Resized{base.__name__}")
+
+
+def point_auto_map_(model: nn.Module, code_file: str, class_name: str) -> None:
+    """Map every auto class that builds ``type(model)`` to ``class_name`` in ``code_file`` (remote code)."""
+    module_name = code_file.removesuffix(".py")
+    model.config.auto_map = {auto: f"{module_name}.{class_name}" for auto in AUTO_CLASSES
+                             if _auto_model_class(auto, model.config) is type(model)}
 
 
 def _auto_model_class(auto: str, config: Any) -> type | None:

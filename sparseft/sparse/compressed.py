@@ -1,0 +1,106 @@
+"""Write an export's weights in sparseft's compressed layout and load such an export.
+
+``export_pretrained(..., weight_format="compressed")`` (``sparseft export --format
+compressed``) lets ``save_pretrained`` write the model as usual, then re-encodes the
+safetensors it wrote into one file where each sparse tensor is a packed bitmask and its
+non-zero values (the layout is specified in :mod:`sparseft.sparse.compressed_modeling`, which
+is copied beside the weights as remote code). The maintained formats for this are gone:
+compressed-tensors removed its sparse compressors (it keeps only their config classes) and
+transformers 5 has no ``sparsity_config`` handling, so no maintained library reads such files.
+
+The export loads back two ways, both giving the standard architecture with the same weights:
+``AutoModelFor....from_pretrained(path, trust_remote_code=True)`` with no sparseft installed,
+or :func:`load_compressed` here, which uses no remote code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import cached_file
+
+from sparseft.sparse import compressed_modeling
+from sparseft.sparse.compressed_modeling import HUB_KWARGS, WEIGHTS_FILE, compressed_load_kwargs, encode_state_dict
+from sparseft.sparse.shrink import point_auto_map_
+
+WEIGHT_FORMATS = ("dense", "compressed")
+REMOTE_CODE_FILE = "modeling_sparseft_compressed.py"
+
+
+def check_weight_format(weight_format: str, shrink: bool) -> None:
+    """Refuse an unknown format, and compression of a structured (shrunk) export."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown export format {weight_format!r}; use one of {', '.join(WEIGHT_FORMATS)}")
+    if weight_format == "compressed" and shrink:
+        raise ValueError(
+            "--format compressed stores the zeros of unstructured and N:M sparsity, but this strategy prunes "
+            "whole heads / FFN channels, which export removes physically (a smaller dense model): "
+            "use --format dense"
+        )
+
+
+def add_compressed_code_(model: nn.Module, output_dir: str | Path) -> None:
+    """Write the remote code that reads the compressed file and point the config's ``auto_map`` at it."""
+    base = type(model)
+    source = inspect.getsource(compressed_modeling)
+    source += f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
+    source += f"Compressed{base.__name__} = compressed_class({base.__name__})\n"
+    Path(output_dir, REMOTE_CODE_FILE).write_text(source)
+    point_auto_map_(model, REMOTE_CODE_FILE, f"Compressed{base.__name__}")
+
+
+def compress_saved_weights_(output_dir: str | Path) -> dict[str, Any]:
+    """Replace the safetensors ``save_pretrained`` wrote in ``output_dir`` by one compressed file.
+
+    Returns the sizes for the report: ``bytes`` of the compressed file, ``dense_bytes`` of the
+    files it replaces and ``compressed_tensors``, how many tensors are stored as bitmask + values.
+    """
+    output_dir = Path(output_dir)
+    saved = sorted(output_dir.glob("model*.safetensors"))
+    saved = [path for path in saved if path.name != WEIGHTS_FILE]
+    if not saved:
+        raise ValueError(f"no safetensors weights in {output_dir} to compress")
+    state_dict = {}
+    for path in saved:
+        state_dict.update(load_file(path))
+    tensors, metadata = encode_state_dict(state_dict)
+    save_file(tensors, output_dir / WEIGHTS_FILE, metadata=metadata)
+    dense_bytes = sum(path.stat().st_size for path in saved)
+    for path in [*saved, output_dir / "model.safetensors.index.json"]:
+        path.unlink(missing_ok=True)
+    return {
+        "format": "compressed",
+        "file": WEIGHTS_FILE,
+        "bytes": (output_dir / WEIGHTS_FILE).stat().st_size,
+        "dense_bytes": dense_bytes,
+        "compressed_tensors": sum(name.endswith(".bitmask") for name in tensors),
+        "load_with": "from_pretrained(path, trust_remote_code=True) or sparseft.load_compressed(path)",
+    }
+
+
+def load_compressed(path: str | Path, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+    """Load a compressed export as its standard transformers class, without remote code.
+
+    Args:
+        path: the export directory (or a hub repository holding one).
+        model_class: the class to build, e.g. ``BertForSequenceClassification``; by default the
+            one recorded in the config's ``architectures``.
+        kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    if cached_file(str(path), WEIGHTS_FILE, _raise_exceptions_for_missing_entries=False, **hub) is None:
+        raise ValueError(f"{path} holds no {WEIGHTS_FILE}: not a compressed export "
+                         "(a dense export loads with a plain from_pretrained)")
+    if model_class is None:
+        config = transformers.AutoConfig.from_pretrained(path, **hub)
+        architectures = getattr(config, "architectures", None) or []
+        if not architectures or not hasattr(transformers, architectures[0]):
+            raise ValueError(f"{path}: config.json names no transformers model class (architectures: "
+                             f"{architectures}); pass model_class=")
+        model_class = getattr(transformers, architectures[0])
+    return model_class.from_pretrained(None, **compressed_load_kwargs(str(path), model_class, kwargs))

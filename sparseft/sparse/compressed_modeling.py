@@ -1,0 +1,135 @@
+"""sparseft's compressed weight file: a bitmask and the non-zero values per sparse tensor.
+
+A sparse export stores every weight whose zeros make it cheaper that way as two safetensors
+entries instead of one, in ``model.sparseft-bitmask.safetensors``:
+
+* ``<name>.bitmask``: uint8 ``[ceil(numel / 8)]``, the tensor's non-zero pattern in row-major
+  order, packed 8 entries per byte with the *first* entry in the *least significant* bit
+  (``numpy.packbits(weight.ravel() != 0, bitorder="little")``); the last byte is zero-padded;
+* ``<name>.values``: ``[nnz]`` in the tensor's own dtype, the non-zero entries in the same order.
+
+Every other tensor is stored as it is, under its own name. The header metadata holds
+``sparseft_format`` (``bitmask-v1``) and ``sparseft_shapes``, a JSON object mapping each
+compressed tensor's name to its shape; names not in it are plain tensors. A tensor is
+compressed when that is smaller: ``ceil(numel/8) + nnz·itemsize < numel·itemsize``, i.e. more
+than 1/(8·itemsize) of it is zero (3.2% in float32). At 2:4 this costs the same bytes as
+compact values plus 2-bit positions (half the values and one bit per entry either way), and it
+is smaller when a group holds fewer than two non-zeros, so 2:4 needs no layout of its own.
+
+Since transformers cannot read this file, the export's ``config.json`` maps its auto classes
+(``auto_map``) to a subclass built by :func:`compressed_class` in this file, copied beside the
+weights as ``modeling_sparseft_compressed.py``; ``from_pretrained(path, trust_remote_code=True)``
+then decodes the file into an ordinary state dict and builds the standard architecture from it.
+A plain ``from_pretrained`` without remote code finds no ``model.safetensors`` and refuses.
+
+This file must stay self-contained: it may import only torch, safetensors and transformers.
+"""
+
+import contextlib
+import json
+import math
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import GenerationConfig
+from transformers.utils import cached_file
+
+WEIGHTS_FILE = "model.sparseft-bitmask.safetensors"
+FORMAT_KEY, FORMAT = "sparseft_format", "bitmask-v1"
+SHAPES_KEY = "sparseft_shapes"
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int64)
+
+
+def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor, flattened row-major, 8 per byte, first entry in the lowest bit."""
+    flat = keep.reshape(-1).to(torch.int64)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1).to(torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` bits of ``packed`` as a flat bool tensor (inverse of :func:`pack_bitmask`)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+def bitmask_bytes(numel: int, nonzero: int, itemsize: int) -> int:
+    """Bytes of one tensor in this layout: the packed mask and the non-zero values."""
+    return math.ceil(numel / 8) + nonzero * itemsize
+
+
+def encode_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of the compressed file for a dense ``state_dict``."""
+    tensors, shapes = {}, {}
+    for name, tensor in state_dict.items():
+        keep = tensor != 0
+        nonzero = int(keep.sum())
+        if tensor.is_floating_point() and bitmask_bytes(tensor.numel(), nonzero, tensor.element_size()) < (
+            tensor.numel() * tensor.element_size()
+        ):
+            tensors[f"{name}.bitmask"] = pack_bitmask(keep)
+            tensors[f"{name}.values"] = tensor[keep].contiguous()
+            shapes[name] = list(tensor.shape)
+        else:
+            tensors[name] = tensor.contiguous()
+    return tensors, {"format": "pt", FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes)}
+
+
+def decode_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The dense state dict of a compressed file's ``tensors`` and header ``metadata``."""
+    if metadata.get(FORMAT_KEY) != FORMAT:
+        raise ValueError(f"not a sparseft compressed weight file: {FORMAT_KEY} is {metadata.get(FORMAT_KEY)!r}, "
+                         f"expected {FORMAT!r}")
+    shapes = json.loads(metadata[SHAPES_KEY])
+    state_dict = {}
+    for name, shape in shapes.items():
+        bitmask, values = tensors.pop(f"{name}.bitmask"), tensors.pop(f"{name}.values")
+        keep = unpack_bitmask(bitmask, math.prod(shape))
+        if int(keep.sum()) != values.numel():
+            raise ValueError(f"corrupt compressed tensor {name}: {int(keep.sum())} mask bits, {values.numel()} values")
+        dense = values.new_zeros(keep.numel())
+        dense[keep] = values
+        state_dict[name] = dense.view(shape)
+    return {**state_dict, **tensors}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The header metadata of a safetensors file."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        return json.loads(file.read(header_size)).get("__metadata__", {})
+
+
+def compressed_load_kwargs(path: Any, model_class: type, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``from_pretrained(None, **result)`` arguments that load the compressed export at ``path``:
+    ``kwargs`` plus the config, the decoded ``state_dict`` and the generation config. None when
+    ``path`` holds no compressed file (a dense re-save of a loaded model, say)."""
+    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    weights = cached_file(path, WEIGHTS_FILE, _raise_exceptions_for_missing_entries=False, **hub)
+    if weights is None:
+        return None
+    kwargs = dict(kwargs)
+    kwargs["state_dict"] = decode_state_dict(load_file(weights), read_metadata(weights))
+    if kwargs.get("config") is None:
+        kwargs["config"] = model_class.config_class.from_pretrained(path, **hub)
+    if "generation_config" not in kwargs and model_class.can_generate():
+        with contextlib.suppress(OSError):  # no generation_config.json: defaults apply, as in a plain load
+            kwargs["generation_config"] = GenerationConfig.from_pretrained(path, **hub)
+    return kwargs
+
+
+def compressed_class(base: type) -> type:
+    """A subclass of the model class ``base`` whose ``from_pretrained`` reads the compressed file."""
+
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        load = base.from_pretrained.__func__
+        compressed = compressed_load_kwargs(pretrained_model_name_or_path, cls, kwargs)
+        if compressed is None:
+            return load(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return load(cls, None, *model_args, **compressed)
+
+    name = f"Compressed{base.__name__}"
+    namespace = {"from_pretrained": classmethod(from_pretrained), "__module__": __name__, "__qualname__": name}
+    return type(name, (base,), namespace)

@@ -1,0 +1,139 @@
+"""Compressed exports: the bitmask layout, and the round trip through both loaders to identical logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from sparseft.backbone import load_backbone
+from sparseft.cli import main
+from sparseft.module import SparseFTModule
+from sparseft.sparse.compressed import REMOTE_CODE_FILE, check_weight_format, load_compressed
+from sparseft.sparse.compressed_modeling import (
+    SHAPES_KEY,
+    WEIGHTS_FILE,
+    decode_state_dict,
+    encode_state_dict,
+    pack_bitmask,
+    unpack_bitmask,
+)
+from sparseft.sparse.export import export_pretrained
+from sparseft.sparse.prune import prune_, sparsify
+from sparseft.testing import tiny_config
+
+TASKS = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
+AUTO = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
+PATTERNS = {"unstructured": ("layer", 0.9), "2:4": ("2:4", 0.5)}
+
+
+def pruned_tiny(model_type: str, pattern: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    extra = {"pad_token_id": 0} if model_type != "bert" else {}
+    model = load_backbone(TASKS[model_type], config=tiny_config(model_type, **extra), num_labels=2).eval()
+    layers = sparsify(model)
+    scope, sparsity = PATTERNS[pattern]
+    prune_(layers, [layer.dense().abs() for layer in layers], sparsity, pattern=scope)
+    return model
+
+
+def test_bitmask_is_numpy_packbits_little_endian_and_unpacks_back():
+    keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) > 0.6  # 35 bits: a padded last byte
+    packed = pack_bitmask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5
+    assert np.array_equal(packed.numpy(), np.packbits(keep.numpy().ravel(), bitorder="little"))
+    assert torch.equal(unpack_bitmask(packed, keep.numel()).view(5, 7), keep)
+
+
+def test_only_tensors_that_get_smaller_are_compressed_and_decoding_restores_them():
+    sparse = torch.tensor([[0.0, 1.5, 0.0, 0.0], [0.0, 0.0, -2.0, 0.0]])
+    dense = torch.arange(1.0, 9.0).view(2, 4)
+    ids = torch.zeros(3, dtype=torch.long)
+    tensors, metadata = encode_state_dict({"a.weight": sparse, "b.weight": dense, "ids": ids})
+    assert json.loads(metadata[SHAPES_KEY]) == {"a.weight": [2, 4]}
+    assert torch.equal(tensors["a.weight.values"], torch.tensor([1.5, -2.0]))
+    assert set(tensors) == {"a.weight.bitmask", "a.weight.values", "b.weight", "ids"}
+    decoded = decode_state_dict(dict(tensors), metadata)
+    assert torch.equal(decoded["a.weight"], sparse) and torch.equal(decoded["b.weight"], dense)
+
+
+def test_decoding_refuses_a_foreign_or_corrupt_file():
+    tensors, metadata = encode_state_dict({"w": torch.tensor([0.0, 0.0, 0.0, 3.0])})
+    with pytest.raises(ValueError, match="not a sparseft compressed weight file"):
+        decode_state_dict(dict(tensors), {"format": "pt"})
+    tensors["w.values"] = torch.tensor([3.0, 4.0])
+    with pytest.raises(ValueError, match="corrupt compressed tensor w"):
+        decode_state_dict(tensors, metadata)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("model_type", list(TASKS))
+def test_compressed_export_reloads_to_identical_logits_with_both_loaders(model_type, pattern, tmp_path):
+    model = pruned_tiny(model_type, pattern)
+    inputs = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+    report = export_pretrained(model, tmp_path, weight_format="compressed")
+    assert report["weights"]["bytes"] < report["weights"]["dense_bytes"]
+    targets = [layer for layer in report["layers"] if layer["role"]]
+    assert report["weights"]["compressed_tensors"] >= len(targets)
+    assert (tmp_path / WEIGHTS_FILE).exists() and (tmp_path / REMOTE_CODE_FILE).exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+    auto = AUTO[TASKS[model_type]]
+    remote = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    native = load_compressed(tmp_path).eval()
+    assert type(native) is type(model) and isinstance(remote, type(model))
+    with torch.no_grad():
+        assert torch.equal(remote(input_ids=inputs).logits, expected)
+        assert torch.equal(native(input_ids=inputs).logits, expected)
+    weights = dict(native.named_parameters())
+    for layer in targets:
+        assert int(weights[f"{layer['name']}.weight"].count_nonzero()) == layer["nonzero"]
+    with pytest.raises(OSError, match="model.safetensors"):
+        type(native).from_pretrained(tmp_path)  # without the remote code nothing half-loads
+
+
+def test_a_dense_resave_of_a_loaded_compressed_model_still_loads(tmp_path):
+    model = pruned_tiny("bert", "unstructured")
+    export_pretrained(model, tmp_path / "compressed", weight_format="compressed")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compressed", trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "resaved")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resaved", trust_remote_code=True)
+    for (name, expected), actual in zip(loaded.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(expected, actual), name
+    with pytest.raises(ValueError, match="not a compressed export"):
+        load_compressed(tmp_path / "resaved")
+
+
+def test_unknown_formats_and_compressing_a_shrunk_export_are_refused():
+    with pytest.raises(ValueError, match="unknown export format 'zip'"):
+        check_weight_format("zip", shrink=False)
+    with pytest.raises(ValueError, match="use --format dense"):
+        check_weight_format("compressed", shrink=True)
+
+
+@pytest.mark.slow
+def test_cli_export_format_compressed(tiny_bert_dir, tmp_path):
+    from tests.test_cli import SENTENCES, fit_args, last_checkpoint
+
+    data = tmp_path / "sst2"
+    data.mkdir()
+    rows = "".join(f"{text}\t{label}\n" for text, label in SENTENCES * 4)
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    main(fit_args(tiny_bert_dir, data, tmp_path / "run"))
+    ckpt = last_checkpoint(tmp_path / "run")
+    module, _ = SparseFTModule.from_sparseft_checkpoint(ckpt)
+    inputs = torch.randint(5, 300, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = module.model(input_ids=inputs).logits
+    main(["export", f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'out'}", "--format=compressed"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["weights"]["format"] == "compressed" and report["target_sparsity"] == pytest.approx(0.5)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=inputs).logits, expected)
