@@ -2,8 +2,9 @@
 
 Each directory is what ``sparseft export`` (or ``compare.py --export_dir``) wrote; it is
 loaded with ``AutoModelForSequenceClassification.from_pretrained`` (with
-``trust_remote_code=True`` when the export holds ``modeling_sparseft.py``, i.e. heads were
-removed from a BERT-style model). All models run in this one process on the same batches;
+``trust_remote_code=True`` when its config maps auto classes to remote code: heads removed
+from a BERT-style model, or weights stored ``--format compressed``). All models run in this
+one process on the same batches;
 timing rounds visit the models in a new random order each round, and the median round is
 reported, with the ratio to the first directory (give the dense model first)::
 
@@ -22,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification
-
-REMOTE_CODE_FILE = "modeling_sparseft.py"
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 
 def load_exported(path: Path) -> torch.nn.Module:
-    remote = (path / REMOTE_CODE_FILE).exists()
+    remote = bool(getattr(AutoConfig.from_pretrained(path), "auto_map", None))  # shrunk or compressed exports
     return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=remote).eval()
 
 

@@ -61,11 +61,16 @@ def unsupported_reason(layer: LinearLayer) -> str | None:
     return None
 
 
-def check_device(model: nn.Module) -> None:
-    """Refuse, with what is needed, a machine or a model the kernels cannot run on."""
+def require_gpu() -> None:
+    """Refuse, with what is needed, a machine without CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError(f"2:4 sparse inference needs {NEEDS}; this machine has no CUDA GPU "
                            f"(torch {torch.__version__}). Use dense_fallback=True to check the conversion on CPU.")
+
+
+def check_device(model: nn.Module) -> None:
+    """Refuse, with what is needed, a machine or a model the kernels cannot run on."""
+    require_gpu()
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"the model is on {device}: move it to the GPU first, e.g. model.half().cuda()")

@@ -1,0 +1,46 @@
+"""The export-size and 2:4 latency benchmarks run end to end on a tiny model (CPU, dense fallback)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_size_meets_the_goals_on_target_matrices_and_round_trips():
+    rows = {row["pattern"]: row for row in script("export_size").main(["--tiny", "bert", "--patterns", "90%", "2:4"])}
+    assert rows["90%"]["target_ratio"] <= 0.2 and rows["2:4"]["target_ratio"] <= 0.6
+    assert rows["2:4"]["target_ratio"] == pytest.approx(rows["2:4"]["compact_2_4_target_ratio"])  # same bytes
+    assert all(row["compressed_file_bytes"] < row["dense_file_bytes"] for row in rows.values())
+    assert all(row["max_abs_logit_difference"] == 0.0 for row in rows.values())
+
+
+def latency_args(model_dir: Path, *extra: str) -> list[str]:
+    return [str(model_dir), "--prune", "--dtype", "bf16", "--batch_sizes", "1", "4", "--seq_len", "16",
+            "--rounds", "2", *extra]
+
+
+def test_semi_structured_latency_dense_fallback_runs_both_arms_on_the_same_batches(tiny_bert_dir):
+    result = script("semi_structured_latency").main(latency_args(tiny_bert_dir, "--dense_fallback"))
+    assert result["converted_layers"] == 12 and "classifier" in result["skipped_layers"]
+    assert [row["batch_size"] for row in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert row["max_abs_logit_difference"] == 0.0  # dense fallback: the same weights, the same kernels
+        assert row["dense_ms"] > 0 and row["sparse_examples_per_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_semi_structured_latency_without_a_gpu_says_what_is_needed(tiny_bert_dir):
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        script("semi_structured_latency").main(latency_args(tiny_bert_dir))
