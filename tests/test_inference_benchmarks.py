@@ -44,3 +44,13 @@ def test_semi_structured_latency_dense_fallback_runs_both_arms_on_the_same_batch
 def test_semi_structured_latency_without_a_gpu_says_what_is_needed(tiny_bert_dir):
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         script("semi_structured_latency").main(latency_args(tiny_bert_dir))
+
+
+def test_shrink_latency_removes_the_units_it_reports(tiny_bert_dir):
+    rows = script("shrink_latency").main(["--model", str(tiny_bert_dir), "--variants", "dense", "heads 50%", "FFN 50%",
+                                          "--rounds", "1", "--batch_size", "2", "--seq_len", "8", "--batches", "1"])
+    ratios = {row["variant"]: row["flop_ratio"] for row in rows}
+    # per block: q, k, v, o 4 x 32x32 and FFN 2 x 32x64 = 8192; pooler 32x32 + classifier 2x32 = 1088
+    assert ratios["heads 50%"] == pytest.approx((2 * 6144 + 1088) / (2 * 8192 + 1088))
+    assert ratios["FFN 50%"] == pytest.approx((2 * 6144 + 1088) / (2 * 8192 + 1088))
+    assert rows[0]["latency_ratio"] == 1.0 and all(row["median_s"] > 0 for row in rows)

@@ -13,8 +13,8 @@ Every other tensor is stored as it is, under its own name. The header metadata h
 compressed tensor's name to its shape; names not in it are plain tensors. A tensor is
 compressed when that is smaller: ``ceil(numel/8) + nnz·itemsize < numel·itemsize``, i.e. more
 than 1/(8·itemsize) of it is zero (3.2% in float32). At 2:4 this costs the same bytes as
-compact values plus 2-bit positions (half the values and one bit per entry either way), and it
-is smaller when a group holds fewer than two non-zeros, so 2:4 needs no layout of its own.
+compact values plus 2-bit positions (half the values and one bit per entry either way), and
+fewer when a group holds fewer than two non-zeros, so 2:4 needs no layout of its own.
 
 Since transformers cannot read this file, the export's ``config.json`` maps its auto classes
 (``auto_map``) to a subclass built by :func:`compressed_class` in this file, copied beside the
