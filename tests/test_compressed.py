@@ -109,6 +109,17 @@ def test_a_dense_resave_of_a_loaded_compressed_model_still_loads(tmp_path):
         load_compressed(tmp_path / "resaved")
 
 
+def test_both_loaders_pass_from_pretrained_options_through(tmp_path):
+    model = pruned_tiny("bert", "2:4")
+    export_pretrained(model, tmp_path, weight_format="compressed")
+    remote = AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float16)
+    native = load_compressed(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in remote.parameters()} == {torch.float16}
+    assert {p.dtype for p in native.parameters()} == {torch.bfloat16}
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(remote.state_dict()[query], model.state_dict()[query].half())
+
+
 def test_unknown_formats_and_compressing_a_shrunk_export_are_refused():
     with pytest.raises(ValueError, match="unknown export format 'zip'"):
         check_weight_format("zip", shrink=False)

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparseft.backbone import load_backbone
+from sparseft.sparse.export import export_pretrained
+from sparseft.testing import tiny_config
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -54,3 +58,10 @@ def test_shrink_latency_removes_the_units_it_reports(tiny_bert_dir):
     assert ratios["heads 50%"] == pytest.approx((2 * 6144 + 1088) / (2 * 8192 + 1088))
     assert ratios["FFN 50%"] == pytest.approx((2 * 6144 + 1088) / (2 * 8192 + 1088))
     assert rows[0]["latency_ratio"] == 1.0 and all(row["median_s"] > 0 for row in rows)
+
+
+def test_latency_benchmark_loads_a_compressed_export(tmp_path):
+    model = load_backbone("sequence-classification", config=tiny_config("bert"), num_labels=2)
+    export_pretrained(model, tmp_path, weight_format="compressed")
+    loaded = script("latency").load_exported(tmp_path)
+    assert type(loaded).__name__ == "CompressedBertForSequenceClassification"
