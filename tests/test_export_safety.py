@@ -42,6 +42,8 @@ def test_an_empty_output_dir_is_refused_and_nothing_is_written(tmp_path, monkeyp
         export_pretrained(tiny_model(), "")
     with pytest.raises(ValueError, match="output_dir is empty"):
         main(["export", "--ckpt_path=unused.ckpt", "--output_dir="])
+    with pytest.raises(ValueError, match=f"output_dir . holds {tmp_path}, which the export would replace"):
+        export_pretrained(tiny_model(), ".")  # the current directory, although empty
     assert list(tmp_path.iterdir()) == []
 
 
@@ -84,6 +86,6 @@ def test_overwrite_never_deletes_the_checkpoint_being_exported(tmp_path):
     run.mkdir()
     checkpoint = run / "last.ckpt"
     torch.save({}, checkpoint)
-    with pytest.raises(ValueError, match=r"--overwrite would delete .*last.ckpt, which is in output_dir"):
+    with pytest.raises(ValueError, match=r"output_dir .* holds .*last.ckpt, which the export would replace"):
         main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={run}", "--overwrite=true"])
     assert checkpoint.exists()

@@ -137,12 +137,16 @@ def test_an_exported_model_predicts_with_backbone_weights_as_its_checkpoint_does
 
 
 # ---- bad sizes ------------------------------------------------------------------------------------
-def test_dsee_rank_above_a_matrix_is_refused_at_attach():
+def test_a_rank_above_a_matrix_is_refused_at_attach():
     model = SparseFTModule(config=tiny_config("bert"), tokenizer="unused").model  # 32 x 32 q and v
     with pytest.raises(ValueError, match=r"sparsity.rank 33 is above the rank of bert.encoder.layer.0.attention.self"
                                          r".query's 32x32 matrix: set sparsity.rank <= 32"):
         DSEE(rank=33, num_sparse=4).attach(model)
     assert len(DSEE(rank=32, num_sparse=4, support="magnitude").attach(model)) > 0
+    gpt2 = SparseFTModule(config=tiny_config("gpt2"), tokenizer="unused").model  # fused qkv: three 32 x 32 matrices
+    with pytest.raises(ValueError, match=r"sparsity.mask_rank 40 is above the rank of transformer.h.0.attn.c_attn's "
+                                         r"32x32 matrix: set sparsity.mask_rank <= 32"):
+        PST(mask_rank=40).attach(gpt2)
 
 
 def test_max_length_that_leaves_no_room_for_text_is_refused(tiny_bert_dir, sst2_dir):  # noqa: F811

@@ -18,8 +18,8 @@ The directory is written whole or not at all: into a fresh ``.<name>.partial-*``
 beside it, renamed into place at the end (:func:`staged_directory`); a failure midway removes
 the partial directory and leaves the target as it was. A non-empty target is refused unless
 ``overwrite`` (then the old one is moved aside, replaced, and deleted), and so are an empty name
-(it would mean the current directory) and a target that holds the current directory or a path
-to keep (the checkpoint being exported).
+(it would mean the current directory) and a target that is or holds the current directory or a
+path to keep (the checkpoint being exported).
 """
 
 from __future__ import annotations
@@ -91,14 +91,13 @@ def check_export_target(output_dir: str | Path, overwrite: bool = False, keep: I
     target = Path(output_dir).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file: name a directory to export to")
-    if not target.is_dir() or not any(target.iterdir()):
-        return target
-    if not overwrite:
-        raise FileExistsError(f"output_dir {output_dir} is not empty: choose a new directory, or pass --overwrite "
-                              "to replace it")
     for path in (Path.cwd(), *keep):
         if Path(path).resolve().is_relative_to(target):
-            raise ValueError(f"--overwrite would delete {path}, which is in output_dir {output_dir}: export elsewhere")
+            raise ValueError(f"output_dir {output_dir} holds {path}, which the export would replace: name a new "
+                             "directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"output_dir {output_dir} is not empty: choose a new directory, or pass --overwrite "
+                              "to replace it")
     return target
 
 
