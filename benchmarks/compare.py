@@ -141,7 +141,7 @@ def export_run(module: Any, backbone: str, path: Path, shrink: bool) -> dict[str
     from sparseft.backbone import load_tokenizer
     from sparseft.sparse.export import export_pretrained
 
-    report = export_pretrained(module.model, path, load_tokenizer(backbone), shrink=shrink)
+    report = export_pretrained(module.model, path, load_tokenizer(backbone), shrink=shrink, overwrite=True)
     kept = ("total_parameters", "linear_flops_per_token", "load_with")
     structured = {key: report["structured"][key] for key in kept} if shrink else None
     return {"dir": str(path), "linear_flops_per_token": report["linear_flops_per_token"], "structured": structured}

@@ -4,7 +4,11 @@
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
 * ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
-* ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory;
+* ``validate`` / ``test`` / ``predict`` need ``--ckpt_path``, or ``--backbone_weights true`` for a
+  backbone that is itself fine-tuned (:mod:`sparseft.cli_checks`); ``--ckpt_path`` fills in only the
+  model options the user left unset (:mod:`sparseft.resume`).
+* ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory,
+  written whole or not at all (``--overwrite true`` replaces a non-empty one);
   ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`);
   ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.sparse.compressed`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
@@ -24,12 +28,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
 from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
+from sparseft.cli_checks import (
+    BACKBONE_WEIGHTS_HELP,
+    EVALUATION_COMMANDS,
+    check_evaluated_weights,
+    check_trainer_strategy,
+)
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
+from sparseft.resume import model_options_from_checkpoint
 from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.compressed import WEIGHT_FORMATS
-from sparseft.sparse.export import export_pretrained
+from sparseft.sparse.export import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies, get_strategy
 
@@ -58,6 +69,26 @@ class SparseFTCLI(LightningCLI):
         parser.link_arguments("data.task_type", "model.task", apply_on="instantiate")
         add_optimizer_arguments(parser)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in EVALUATION_COMMANDS:
+            parser.add_argument("--backbone_weights", type=bool, default=False, help=BACKBONE_WEIGHTS_HELP)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """Check the run before anything loads (:mod:`sparseft.cli_checks`); take from ``--ckpt_path`` only
+        the model options the user left unset, refusing another model (:mod:`sparseft.resume`), where
+        Lightning would parse all of the checkpoint's over the user's."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        check_evaluated_weights(subcommand, config)
+        check_trainer_strategy(config.get("trainer.strategy"), config.get("sparsity"))
+        taken = model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(), SparseFTModule)
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
         and ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured."""
@@ -84,15 +115,20 @@ def expand_strategy_names(argv: list[str]) -> list[str]:
     that replaces another starts from its own defaults (:func:`start_switched_strategies_fresh`)."""
     expanded = list(argv)
     for index, arg in enumerate(expanded):
-        if arg.startswith("--sparsity=") and "." not in arg.partition("=")[2]:
-            cls = get_strategy(arg.partition("=")[2])
-            expanded[index] = f"--sparsity={cls.__module__}.{cls.__qualname__}"
-        elif arg in ("--sparsity", "--sparsity.class_path") and index + 1 < len(expanded):
-            value = expanded[index + 1]
-            if value and "." not in value and not value.startswith(("{", "-")) and value.lower() != "null":
-                cls = get_strategy(value)
-                expanded[index + 1] = f"{cls.__module__}.{cls.__qualname__}"
+        option, equals, value = arg.partition("=")
+        if option in ("--sparsity", "--sparsity.class_path") and equals:
+            expanded[index] = f"{option}={_strategy_class_path(value)}"
+        elif option in ("--sparsity", "--sparsity.class_path") and index + 1 < len(expanded):
+            expanded[index + 1] = _strategy_class_path(expanded[index + 1])
     return start_switched_strategies_fresh(expanded)
+
+
+def _strategy_class_path(value: str) -> str:
+    """A registry name's class path; anything else (a class path, null, a dict, an option) as given."""
+    if not value or "." in value or value.startswith(("{", "-")) or value.lower() in ("null", "none"):
+        return value
+    cls = get_strategy(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def list_strategies() -> str:
@@ -115,16 +151,19 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--format", choices=WEIGHT_FORMATS, default="dense",
                         help="weights as a plain model.safetensors (dense) or as bitmask + non-zero values per sparse "
                              "tensor (compressed: load with trust_remote_code=True or sparseft.load_compressed)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace a non-empty --output_dir")
     args = parser.parse_args(argv)
+    check_export_target(args.output_dir, args.overwrite, keep=[args.ckpt_path])  # before loading anything
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
-    if args.adapter_path:
-        save_adapter(extract_adapter(module.model), args.adapter_path)
+    adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured
     report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink,
-                               weight_format=args.format)
+                               weight_format=args.format, overwrite=args.overwrite)
+    if adapter is not None:
+        save_adapter(adapter, args.adapter_path)
     print(
         f"exported to {args.output_dir}: target sparsity {report['target_sparsity']:.4f} over "
         f"{report['target_weights']:,} weights; linear FLOPs/token {report['linear_flops_per_token']}"

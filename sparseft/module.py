@@ -23,6 +23,7 @@ from sparseft.callbacks import RandomState
 from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
+from sparseft.resume import check_strategy_settings
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -224,7 +225,7 @@ class SparseFTModule(LightningModule):
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a fix, a checkpoint whose strategy differs from this run's."""
+        """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's."""
         saved = checkpoint.get(CHECKPOINT_KEY, {}).get("name")
         current = [strategy.strategy_name for strategy in self.strategies()]
         if saved and saved not in current:
@@ -237,6 +238,9 @@ class SparseFTModule(LightningModule):
                 f"this checkpoint has no sparsity strategy, but this run uses {current}: resume it without "
                 "--sparsity, or start a new run from its weights"
             )
+        for strategy in self.strategies():
+            if strategy.strategy_name == saved:
+                check_strategy_settings(checkpoint[CHECKPOINT_KEY], strategy)
 
     @classmethod
     def from_sparseft_checkpoint(cls, path: str | Path) -> tuple[SparseFTModule, SparsityStrategy | None]:

@@ -78,6 +78,8 @@ class TextDataModule(LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        if max_length < 1:
+            raise ValueError(f"data.max_length {max_length}: inputs are cut to max_length tokens; give at least 1")
         self.tokenizer_name = tokenizer
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.data_dir = data_dir
@@ -158,7 +160,17 @@ class TextDataModule(LightningDataModule):
         encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
         return encoded.with_format("torch")
 
+    def check_room(self) -> None:
+        """Refuse a ``max_length`` that the special tokens of a sentence pair fill: no text would be left."""
+        special = self.tokenizer.num_special_tokens_to_add(pair=True)
+        if self.max_length <= special:
+            raise ValueError(
+                f"data.max_length {self.max_length} leaves no room for text: the tokenizer adds {special} special "
+                f"tokens to an input; raise data.max_length above {special}"
+            )
+
     def setup(self, stage: str) -> None:
+        self.check_room()
         for split in STAGE_SPLITS.get(stage, ()):
             for name in self.split_names(split):
                 if name not in self.datasets:

@@ -54,6 +54,15 @@ class LowRank(WeightDelta):
         return torch.addmm(weight, self.left, self.right, alpha=self.scale)
 
 
+def check_rank(rank: int, shape: tuple[int, int], layer: str, option: str) -> None:
+    """Refuse a rank above ``min(out, in)``: ``L·R`` can have no higher rank, so the extra factors
+    would only train more parameters, ``rank·(out + in)``, up to several times the matrix's own."""
+    if rank > min(shape):
+        raise ValueError(
+            f"{option} {rank} is above the rank of {layer}'s {shape[0]}x{shape[1]} matrix: set {option} <= {min(shape)}"
+        )
+
+
 def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
     return torch.zeros(shape) if std is None else torch.randn(shape) * std
 

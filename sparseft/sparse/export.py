@@ -17,11 +17,23 @@ shrink, even where a channel happens to be all zeros, so they always load with a
 With ``weight_format="compressed"`` the weights are stored as a bitmask and the non-zero values
 per sparse tensor (:mod:`sparseft.sparse.compressed`); the directory then loads with
 ``from_pretrained(path, trust_remote_code=True)`` or ``sparseft.load_compressed(path)``.
+
+The directory is written whole or not at all: into a fresh ``.<name>.partial-*`` directory
+beside it, renamed into place at the end (:func:`staged_directory`); a failure midway removes
+the partial directory and leaves the target as it was. A non-empty target is refused unless
+``overwrite`` (then the old one is moved aside, replaced, and deleted), and so are an empty name
+(it would mean the current directory) and a target that is or holds the current directory or a
+path to keep (the checkpoint being exported).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +50,20 @@ REPORT_FILE = "report.json"
 
 def export_pretrained(
     model: nn.Module, output_dir: str | Path, tokenizer: Any = None, extra: dict[str, Any] | None = None,
-    shrink: bool = False, weight_format: str = "dense",
+    shrink: bool = False, weight_format: str = "dense", overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge ``model`` in place, save it (and the tokenizer) to ``output_dir``, write the report.
 
     Args:
         model: a Hugging Face ``PreTrainedModel``, sparsified or not.
-        output_dir: created if missing.
+        output_dir: a new or empty directory (created, whole or not at all).
         tokenizer: saved beside the model when given.
         extra: more fields for ``report.json`` (strategy name and settings, for example).
         shrink: physically remove all-zero heads and FFN channels (in place); for structured
             pruning (see ``SparsityStrategy.structured``).
         weight_format: ``dense`` (a plain ``model.safetensors``) or ``compressed`` (bitmask and
             non-zero values per sparse tensor; not with ``shrink``).
+        overwrite: replace a non-empty ``output_dir``.
 
     Returns:
         The report that was written; ``structured`` describes what shrinking removed, and
@@ -58,24 +71,71 @@ def export_pretrained(
         ``weights`` the compressed file's size next to the dense one's.
     """
     check_weight_format(weight_format, shrink)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    target = check_export_target(output_dir, overwrite)
     trained, _ = count_parameters(model)  # merging folds the trained factors into frozen weights
     target_names = [layer.name for layer in sparse_layers(model)]
     target_names += restore_linear_(model)  # S²FT slice layers: merged, original module types back
     merge_(model)
     report = {**(extra or {}), **build_report(model, target_names, trained)}
-    if shrink:
-        report["structured"] = _shrink_for_export_(model, output_dir)
-    if weight_format == "compressed":
-        add_compressed_code_(model, output_dir)
-    model.save_pretrained(output_dir)
-    if weight_format == "compressed":
-        report["weights"] = compress_saved_weights_(output_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
-    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    with staged_directory(target) as staging:
+        if shrink:
+            report["structured"] = _shrink_for_export_(model, staging)
+        if weight_format == "compressed":
+            add_compressed_code_(model, staging)
+        model.save_pretrained(staging)
+        if weight_format == "compressed":
+            report["weights"] = compress_saved_weights_(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def check_export_target(output_dir: str | Path, overwrite: bool = False, keep: Iterable[str | Path] = ()) -> Path:
+    """The resolved directory to export to, after refusing targets that would lose or mix data.
+
+    Args:
+        output_dir: the directory as the user named it.
+        overwrite: whether a non-empty directory may be replaced.
+        keep: paths that must survive (the checkpoint being exported): refused inside a replaced target.
+    """
+    if not str(output_dir).strip():
+        raise ValueError("output_dir is empty (it would be the current directory): name the directory to export to")
+    target = Path(output_dir).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} is a file: name a directory to export to")
+    for path in (Path.cwd(), *keep):
+        if Path(path).resolve().is_relative_to(target):
+            raise ValueError(f"output_dir {output_dir} holds {path}, which the export would replace: name a new "
+                             "directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"output_dir {output_dir} is not empty: choose a new directory, or pass --overwrite "
+                              "to replace it")
+    return target
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A new directory beside ``target`` to write into, renamed to ``target`` when the block ends.
+
+    On an exception it is removed and ``target`` is untouched. A non-empty ``target`` is moved
+    aside first and deleted once the new one is in place.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.with_name(f".{target.name}.partial-{tag}")
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replaced = target.with_name(f".{target.name}.replaced-{tag}") if target.exists() else None
+    if replaced is not None:
+        target.rename(replaced)
+    staging.rename(target)
+    if replaced is not None:
+        shutil.rmtree(replaced)
 
 
 def _shrink_for_export_(model: nn.Module, output_dir: Path) -> dict[str, Any]:

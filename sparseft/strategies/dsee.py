@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from sparseft.sparse.decompose import SupportMethod, sparse_support
-from sparseft.sparse.deltas import LowRank, RowBlocks, ScaledSum, SparseResidual
+from sparseft.sparse.deltas import LowRank, RowBlocks, ScaledSum, SparseResidual, check_rank
 from sparseft.sparse.freezing import freeze_backbone_
 from sparseft.sparse.layers import LinearLayer, find_linear_layers
 from sparseft.sparse.masks import keep_highest, pruned_count
@@ -173,9 +173,16 @@ class DSEE(SparsityStrategy):
         parts = [low_rank, SparseResidual(shape, support)] if self.num_sparse else [low_rank]
         return ScaledSum(parts, self.alpha / self.rank)
 
+    def check_rank(self, model: nn.Module) -> None:
+        """Refuse a ``rank`` above a target matrix's (before any support is computed)."""
+        for layer in self.update_targets(model):
+            out_features, in_features = layer.shape
+            check_rank(self.rank, (out_features // layer.fused_matrices, in_features), layer.name, "sparsity.rank")
+
     def attach(self, model: nn.Module) -> list[SparseLayer]:
         if self.layers:
             return self.layers
+        self.check_rank(model)
         self._update_names = {layer.name for layer in self.update_targets(model)}
         if self._supports is None:
             self._supports = self.choose_supports(model)
@@ -265,6 +272,7 @@ class DSEE(SparsityStrategy):
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self.layers and self._supports is None:
+            self.check_rank(pl_module.model)  # on every rank, before rank 0 computes the supports
             supports = self.choose_supports(pl_module.model) if trainer.is_global_zero else None
             self._supports = trainer.strategy.broadcast(supports, src=0)
         super().setup(trainer, pl_module, stage)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.sparse.deltas import LowRank, RowBlocks
+from sparseft.sparse.deltas import LowRank, RowBlocks, check_rank
 from sparseft.sparse.freezing import freeze_backbone_
 from sparseft.sparse.importance import PSTImportance
 from sparseft.sparse.layers import LinearLayer
@@ -91,6 +91,10 @@ class PST(SparsityStrategy):
         self.learning_rate = learning_rate
 
     def make_delta(self, layer: LinearLayer) -> nn.Module:
+        out_features, in_features = layer.shape
+        matrix = (out_features // layer.fused_matrices, in_features)
+        check_rank(self.weight_rank, matrix, layer.name, "sparsity.weight_rank")
+        check_rank(self.mask_rank, matrix, layer.name, "sparsity.mask_rank")
         return _per_matrix(layer, lambda shape: LowRank(shape, self.weight_rank, self.beta, left_std=1.0))
 
     def make_score(self, layer: LinearLayer) -> nn.Module:

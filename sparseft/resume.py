@@ -1,0 +1,138 @@
+"""What a checkpoint may and may not change when a run starts from it (``--ckpt_path``).
+
+* :func:`merge_model_options`: LightningCLI parses a checkpoint's hyper-parameters *over* the
+  user's ``model.*`` options, silently: a tiny-BERT config resumed from a GPT-2 checkpoint trains
+  GPT-2, ``--model.learning_rate`` is ignored and ``config.yaml`` records the checkpoint's values.
+  sparseft refuses a checkpoint of another model (``backbone``, ``config`` or ``tokenizer`` set by
+  the user and different), keeps every other option the user set (a new learning rate for the
+  rest of a run is legitimate), takes the checkpoint's value for options the user left at their
+  default (so ``sparseft validate --ckpt_path CKPT`` needs no model options), and says in one
+  line which options differ from the checkpoint and whose value the run uses.
+* :func:`check_strategy_settings`: a checkpoint's masks belong to its strategy's settings;
+  resuming with another ``sparsity`` (or targets, schedule, pattern, ranks, ...) would keep the
+  old masks and then revive pruned weights chosen by position. Refused, naming both values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from sparseft.strategies.base import SparsityStrategy, build_strategy
+
+#: The options that say which model a checkpoint holds: a different one is another model.
+MODEL_IDENTITY = ("backbone", "config", "tokenizer")
+#: Linked from the datamodule or the top-level ``--optimizer`` / ``--lr_scheduler``: never taken
+#: from a checkpoint (a different task shows up as a refused state_dict).
+LINKED = ("task", "num_labels", "optimizer", "lr_scheduler")
+
+
+def _same_model_name(first: Any, second: Any) -> bool:
+    """Equal, or two spellings of one local directory."""
+    if first == second:
+        return True
+    if isinstance(first, str) and isinstance(second, str) and Path(first).exists() and Path(second).exists():
+        return Path(first).resolve() == Path(second).resolve()
+    return False
+
+
+def merge_model_options(
+    user: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any], ckpt_path: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The ``model.*`` options a run from ``ckpt_path`` uses, and one note per option that differs.
+
+    Args:
+        user: the options as the user's configuration sets them (defaults included).
+        saved: the checkpoint's ``hyper_parameters``.
+        defaults: the module's constructor defaults: an option still at its default is "not set".
+        ckpt_path: named in the messages.
+
+    Raises:
+        ValueError: the user set ``backbone``, ``config`` or ``tokenizer`` to another model.
+    """
+    merged, notes = dict(user), []
+    for key, saved_value in saved.items():
+        if key.startswith("_") or key in LINKED or key not in user or _same_model_name(user[key], saved_value):
+            continue
+        user_set = user[key] != defaults.get(key)
+        if key in MODEL_IDENTITY and user_set:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} holds a model with model.{key}={saved_value!r}, but this run sets "
+                f"model.{key}={user[key]!r}: drop --model.{key} to use the checkpoint's, or start a new fit "
+                "without --ckpt_path"
+            )
+        if user_set:
+            notes.append(f"model.{key}={user[key]!r} (this run's; the checkpoint's was {saved_value!r})")
+        else:
+            merged[key] = saved_value
+            notes.append(f"model.{key}={saved_value!r} (the checkpoint's; default {user[key]!r})")
+    return merged, notes
+
+
+def model_options_from_checkpoint(ckpt_path: str | None, user: dict[str, Any], module_class: type) -> dict[str, Any]:
+    """The ``model.*`` options of ``module_class`` that a run from ``ckpt_path`` takes from the checkpoint
+    (see :func:`merge_model_options`); logs one line naming every option that differs from the checkpoint."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return {}
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    defaults = {name: parameter.default for name, parameter in inspect.signature(module_class).parameters.items()}
+    merged, notes = merge_model_options(user, checkpoint.get("hyper_parameters") or {}, defaults, ckpt_path)
+    if notes:
+        rank_zero_info(f"sparseft: model options that differ from --ckpt_path {ckpt_path}: " + "; ".join(notes))
+    return {key: value for key, value in merged.items() if value != user.get(key)}
+
+
+#: Strategy settings a resumed run may change: they move no mask (logging, learning rates).
+CHANGEABLE_ON_RESUME = frozenset({"log_layers", "learning_rate", "retune_learning_rate", "score_lr", "weight_decay"})
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"schedule": {"kind": ...}}`` as ``{"schedule.kind": ...}``: one entry per command-line option."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _effective_settings(strategy: SparsityStrategy) -> dict[str, Any]:
+    """Constructor arguments, with the schedule the strategy runs (a default one is written as None)."""
+    settings = strategy.describe()["init_args"]
+    if is_dataclass(getattr(strategy, "schedule", None)):
+        settings["schedule"] = asdict(strategy.schedule)
+    return _flat(settings)
+
+
+def _cli_value(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, (list, tuple, bool)) else str(value)
+
+
+def check_strategy_settings(saved: dict[str, Any], strategy: SparsityStrategy) -> None:
+    """Refuse to resume ``strategy`` from a checkpoint whose strategy had other mask settings.
+
+    Args:
+        saved: the checkpoint's strategy description (:meth:`SparsityStrategy.describe`).
+        strategy: this run's strategy, of the same registered name.
+    """
+    saved_args, current_args = _effective_settings(build_strategy(saved)), _effective_settings(strategy)
+    differ = [
+        key for key in sorted(set(saved_args) | set(current_args))
+        if key not in CHANGEABLE_ON_RESUME and saved_args.get(key) != current_args.get(key)
+    ]
+    if not differ:
+        return
+    changes = ", ".join(f"{key} {current_args.get(key)!r} (checkpoint: {saved_args.get(key)!r})" for key in differ)
+    fix = " ".join(f"--sparsity.{key}={_cli_value(saved_args.get(key))}" for key in differ)
+    raise ValueError(
+        f"this run's {strategy.strategy_name} settings differ from the checkpoint's: {changes}; its masks were made "
+        f"with the checkpoint's settings, so resume with them ({fix}), or export the checkpoint and start a new "
+        "fit from it"
+    )
