@@ -8,6 +8,8 @@
   ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
+* ``sparseft report CKPT_OR_EXPORT``: the per-layer sparsity table and PNG figures
+  (:mod:`sparseft.report_command`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
+from sparseft.report_command import report_command
+from sparseft.run_summary import read_training_summary
 from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.export import export_pretrained
 from sparseft.sparse.targets import describe_targets
@@ -116,7 +120,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
         save_adapter(extract_adapter(module.model), args.adapter_path)
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
-    extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
+    extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path),
+             **read_training_summary(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured
     report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink)
     print(
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         export_command(argv[1:])
     elif command == "targets":
         targets_command(argv[1:])
+    elif command == "report":
+        report_command(argv[1:])
     elif argv_given:
         SparseFTCLI(args=expand_strategy_names(argv))
     else:  # from the shell: LightningCLI reads sys.argv (and DDP relaunches the same command line)

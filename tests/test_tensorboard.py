@@ -1,66 +1,22 @@
-"""TensorBoard contents of a run (hparams with the dev metric, learning rates, sparsity pictures) and
-the figures of :mod:`sparseft.plots` they are drawn with."""
+"""Runs without a TensorBoard logger, and the figures of :mod:`sparseft.plots` that TensorBoard and
+``sparseft report`` show (a run's TensorBoard contents: tests/test_outputs.py)."""
 
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
-from sparseft.cli import main
 from sparseft.module import SparseFTModule
 from sparseft.plots import BAR, KEPT_COLOUR, PRUNED_COLOUR, heatmap_layers, mask_heatmap, sparsity_bar_chart
 from sparseft.strategies import get_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
-from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
-
-
-def read_events(root: Path) -> EventAccumulator:
-    (events,) = root.rglob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    return accumulator.Reload()
-
-
-def logged_hparams(events: EventAccumulator) -> dict[str, object]:
-    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for key, value in
-            info.hparams.items()}
-
-
-def test_tensorboard_has_hparams_with_the_dev_metric_learning_rates_and_pictures(
-    tiny_bert_dir, sst2_dir, tmp_path  # noqa: F811
-):
-    root = tmp_path / "run"
-    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.val_check_interval=6", "--trainer.log_every_n_steps=1"))
-    events = read_events(root)
-
-    accuracy = {event.step: event.value for event in events.Scalars("val/accuracy")}
-    hp_metric = {event.step: event.value for event in events.Scalars("hp_metric")}
-    assert len(accuracy) == 2  # validations after steps 6 and 12
-    assert hp_metric == pytest.approx(accuracy)  # the dev metric at the same steps, never Lightning's -1
-
-    hparams = logged_hparams(events)
-    assert hparams["sparsity/strategy"] == "magnitude" and hparams["sparsity/sparsity"] == 0.5
-    assert hparams["sparsity/schedule/kind"] == "cubic"
-    assert hparams["data/task"] == "sst2" and hparams["backbone"] == str(tiny_bert_dir)
-    assert hparams["dev_metric"] == "val/accuracy"
-
-    scalar_tags = events.Tags()["scalars"]
-    assert {"lr/decay", "lr/no_decay"} <= set(scalar_tags)
-    assert events.Scalars("lr/decay")[0].value == pytest.approx(1e-3)  # --model.learning_rate, step 0
-
-    images = events.Tags()["images"]
-    masks = [tag for tag in images if tag.startswith("masks/")]
-    assert "sparsity/layers" in images and len(masks) == 3  # first, middle and last of 12 targets
-    assert [image.step for image in events.Images("sparsity/layers")] == sorted(accuracy)
 
 
 @pytest.mark.parametrize("logger", ["none", "csv"])
@@ -101,3 +57,15 @@ def test_heatmap_shows_kept_rows_dark_and_pruned_rows_light():
 def test_heatmaps_go_to_the_first_middle_and_last_layer():
     assert heatmap_layers(12) == [0, 6, 11]
     assert heatmap_layers(2) == [0, 1]
+
+
+def test_a_fit_without_validation_still_shows_its_hyperparameters(tmp_path):
+    module = SparseFTModule(config=tiny_config("bert"), num_labels=2)
+    trainer = Trainer(max_steps=2, limit_val_batches=0, accelerator="cpu", logger=TensorBoardLogger(tmp_path),
+                      callbacks=[get_strategy("magnitude")(sparsity=0.5)], enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, SyntheticClassificationData(size=16))
+    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    assert "_hparams_/session_start_info" in accumulator.PluginTagToContent("hparams")
+    assert [math.isnan(event.value) for event in accumulator.Scalars("hp_metric")] == [True]  # not -1
