@@ -29,6 +29,7 @@ from sparseft.run_summary import read_training_summary
 from sparseft.sparse.export import REPORT_FILE
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.parametrize import sparse_layers
+from sparseft.sparse.slices import restore_linear_
 
 NM_GROUPS = (4, 8)
 
@@ -69,9 +70,12 @@ def measured_pattern(weight: torch.Tensor) -> str:
 
 
 def checkpoint_layers(path: Path) -> tuple[list[LayerWeights], dict[str, Any]]:
-    """The target layers of a ``sparseft fit`` checkpoint (every linear layer without a strategy)."""
+    """The target layers of a ``sparseft fit`` checkpoint (every linear layer without a strategy);
+    S²FT's slice layers are merged back into linear layers first, as export does."""
     module, strategy = SparseFTModule.from_sparseft_checkpoint(path)
-    layers = [s.layer for s in sparse_layers(module.model)] or find_linear_layers(module.model)
+    targets = {s.name for s in sparse_layers(module.model)} | set(restore_linear_(module.model))
+    every_linear = find_linear_layers(module.model)
+    layers = [layer for layer in every_linear if layer.name in targets] or every_linear
     with torch.no_grad():
         weights = [LayerWeights(layer.name, layer.weight().detach().clone()) for layer in layers]
     return weights, {**read_training_summary(path), "strategy": strategy.describe() if strategy else None}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -18,9 +19,11 @@ from transformers import pipeline
 
 from sparseft.backbone import load_backbone
 from sparseft.cli import main
+from sparseft.module import SparseFTModule
 from sparseft.report_command import measured_pattern
 from sparseft.sparse.export import export_pretrained
-from sparseft.testing import tiny_config
+from sparseft.strategies import get_strategy
+from sparseft.testing import SyntheticClassificationData, tiny_config
 from tests.test_cli import fit_args, last_checkpoint, sst2_dir  # noqa: F401  (fixture)
 
 
@@ -173,3 +176,17 @@ def test_measured_pattern_names_n_m_and_zero_rows_and_columns():
     rows[:, 0] = 0
     assert measured_pattern(rows) == "2/8 rows zero, 1/6 columns zero"
     assert measured_pattern(torch.randn(4, 8) + 10) == "-"
+
+
+def test_report_of_an_s2ft_checkpoint_lists_its_slice_layers(tmp_path, capsys):
+    module = SparseFTModule(config=tiny_config("bert"), num_labels=2)
+    trainer = Trainer(max_steps=2, limit_val_batches=0, accelerator="cpu", logger=False,
+                      callbacks=[get_strategy("s2ft")()], enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, SyntheticClassificationData(size=16))
+    trainer.save_checkpoint(tmp_path / "s2ft.ckpt")
+    capsys.readouterr()
+    main(["report", str(tmp_path / "s2ft.ckpt")])
+    rows = table_rows(capsys.readouterr().out)
+    assert sorted(rows) == ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
+                            "bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense", "total"]
