@@ -13,6 +13,8 @@
   ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.sparse.compressed`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
+* ``sparseft report CKPT_OR_EXPORT``: the per-layer sparsity table and PNG figures
+  (:mod:`sparseft.report_command`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from sparseft.cli_checks import (
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
+from sparseft.report_command import report_command
 from sparseft.resume import model_options_from_checkpoint
+from sparseft.run_summary import read_training_summary
 from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.compressed import WEIGHT_FORMATS
 from sparseft.sparse.export import check_export_target, export_pretrained
@@ -158,7 +162,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
-    extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path)}
+    extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path),
+             **read_training_summary(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured
     report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink,
                                weight_format=args.format, overwrite=args.overwrite)
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         export_command(argv[1:])
     elif command == "targets":
         targets_command(argv[1:])
+    elif command == "report":
+        report_command(argv[1:])
     elif argv_given:
         SparseFTCLI(args=expand_strategy_names(argv))
     else:  # from the shell: LightningCLI reads sys.argv (and DDP relaunches the same command line)

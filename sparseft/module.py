@@ -24,7 +24,9 @@ from sparseft.datamodules.base import classification_metric_inputs, logits_to_pr
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
 from sparseft.resume import check_strategy_settings
+from sparseft.run_summary import RUN_KEY, choose_dev_metric, describe_data
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
+from sparseft.tensorboard import TensorBoardSummary
 
 HF_CONFIG_KEY = "sparseft_hf_config"
 
@@ -101,10 +103,13 @@ class SparseFTModule(LightningModule):
         self._scored: set[str] = set()
         self._forward_keys: set[str] | None = None
         self.warmup_steps = 0  # learning-rate warm-up in optimizer steps, set by configure_optimizers
+        #: the last validation's dev metric: ``{"name", "value", "step"}`` (:func:`choose_dev_metric`)
+        self.dev_metric: dict[str, Any] | None = None
 
     # ---- metrics -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        self._name_labels(getattr(datamodule, "label_names", None))
         if datamodule is None or not hasattr(datamodule, "build_metrics") or self.metric_sets:
             return
         names = list(getattr(datamodule, "val_names", ["validation"]))
@@ -112,6 +117,13 @@ class SparseFTModule(LightningModule):
         for name in names:
             prefix = "val/" if len(names) == 1 else f"val/{name}/"
             self.metric_sets[name] = MetricCollection(datamodule.build_metrics()).clone(prefix=prefix)
+
+    def _name_labels(self, names: list[str] | None) -> None:
+        """Put the task's class names into the model config (``id2label`` / ``label2id``): checkpoints
+        and exports carry them, and a pipeline on the export says ``positive``, not ``LABEL_1``."""
+        if names and len(names) == self.model.config.num_labels:
+            self.model.config.id2label = dict(enumerate(names))
+            self.model.config.label2id = {name: index for index, name in enumerate(names)}
 
     # ---- steps ---------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -157,12 +169,21 @@ class SparseFTModule(LightningModule):
             self._scored.add(names[dataloader_idx])
 
     def _log_metrics(self, stage: str) -> None:
+        logged: dict[str, float] = {}
         for name, metrics in self.metric_sets.items():
             if name in self._scored:
                 values = {key.replace("val/", f"{stage}/", 1): value for key, value in metrics.compute().items()}
                 self.log_dict(values, prog_bar=True)
+                logged.update({key: float(value) for key, value in values.items()})
             metrics.reset()
         self._scored.clear()
+        if stage == "val" and logged and not self.trainer.sanity_checking:
+            self._record_dev_metric(logged)
+
+    def _record_dev_metric(self, values: dict[str, float]) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        name = choose_dev_metric(values, getattr(checkpoint, "monitor", None))
+        self.dev_metric = {"name": name, "value": values[name], "step": self.trainer.global_step}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")
@@ -193,14 +214,17 @@ class SparseFTModule(LightningModule):
         ``strategies`` defaults to the trainer's (a loop without a trainer passes its own).
         """
         strategies = self.strategies() if strategies is None else strategies
-        groups = [group for strategy in strategies for group in strategy.param_groups()]
+        groups = [  # named for the learning-rate logs (lr/<name>)
+            {"name": f"{strategy.strategy_name}_{index}", **group}
+            for strategy in strategies for index, group in enumerate(strategy.param_groups())
+        ]
         claimed = {id(p) for group in groups for p in group["params"]}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
         decay = [p for p in rest if p.ndim >= 2]
         no_decay = [p for p in rest if p.ndim < 2]
         groups += [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
         return [group for group in groups if group["params"]]
 
@@ -218,14 +242,19 @@ class SparseFTModule(LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """Every run checkpoints its random generators, so a resumed run's dropout is the same."""
-        return [RandomState()]
+        """Every run checkpoints its random generators, so a resumed run's dropout is the same, and
+        shows its hyperparameters, learning rates and sparsity pictures in TensorBoard."""
+        return [RandomState(), TensorBoardSummary()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        checkpoint[RUN_KEY] = {"dev_metric": self.dev_metric, "data": describe_data(datamodule)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's."""
+        """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's;
+        restore the dev metric."""
+        self.dev_metric = checkpoint.get(RUN_KEY, {}).get("dev_metric", self.dev_metric)
         saved = checkpoint.get(CHECKPOINT_KEY, {}).get("name")
         current = [strategy.strategy_name for strategy in self.strategies()]
         if saved and saved not in current:

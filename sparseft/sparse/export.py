@@ -2,7 +2,10 @@
 
 The saved directory loads with ``AutoModel*.from_pretrained`` and needs no sparseft import:
 every ``M ⊙ (W0 + ΔW)`` is merged into an ordinary weight (exact zeros where pruned), and
-``report.json`` beside it records the measured sparsity, parameters and FLOPs.
+``report.json`` beside it records the measured sparsity, parameters and FLOPs (with their
+``units``) and whatever the caller adds (``sparseft export``: strategy, backbone, data, steps,
+dev metric); ``README.md`` is the model card written from it (:mod:`sparseft.sparse.model_card`).
+Every file is readable as the user's umask allows (some writers stage files with mode 0600).
 
 With ``shrink=True`` (what ``sparseft export`` passes for a strategy that prunes whole heads or
 FFN channels), units whose weights are all zero after merging are then removed physically
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -40,12 +44,16 @@ from typing import Any
 from torch import nn
 
 from sparseft.sparse.compressed import add_compressed_code_, check_weight_format, compress_saved_weights_
+from sparseft.sparse.model_card import model_card
 from sparseft.sparse.parametrize import merge_, sparse_layers
 from sparseft.sparse.report import build_report, count_parameters, linear_flops_per_token
 from sparseft.sparse.shrink import add_remote_code_, shrink_
 from sparseft.sparse.slices import restore_linear_
 
 REPORT_FILE = "report.json"
+MODEL_CARD_FILE = "README.md"
+STRUCTURED_UNITS = ("counts: heads removed per block (their indices), FFN channels removed per block; "
+                    "total_parameters and linear_flops_per_token of the shrunk model, in the units above")
 
 
 def export_pretrained(
@@ -58,7 +66,8 @@ def export_pretrained(
         model: a Hugging Face ``PreTrainedModel``, sparsified or not.
         output_dir: a new or empty directory (created, whole or not at all).
         tokenizer: saved beside the model when given.
-        extra: more fields for ``report.json`` (strategy name and settings, for example).
+        extra: more fields for ``report.json`` (strategy name and settings, for example; ``backbone``,
+            ``task_type``, ``data``, ``training_steps`` and ``dev_metric`` also go into the model card).
         shrink: physically remove all-zero heads and FFN channels (in place); for structured
             pruning (see ``SparsityStrategy.structured``).
         weight_format: ``dense`` (a plain ``model.safetensors``) or ``compressed`` (bitmask and
@@ -80,6 +89,7 @@ def export_pretrained(
     with staged_directory(target) as staging:
         if shrink:
             report["structured"] = _shrink_for_export_(model, staging)
+            report["units"] = {**report["units"], "structured": STRUCTURED_UNITS}
         if weight_format == "compressed":
             add_compressed_code_(model, staging)
         model.save_pretrained(staging)
@@ -88,6 +98,8 @@ def export_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (staging / MODEL_CARD_FILE).write_text(model_card(report, str(output_dir), class_names(model)))
+        make_readable_(staging)
     return report
 
 
@@ -136,6 +148,25 @@ def staged_directory(target: Path) -> Iterator[Path]:
     staging.rename(target)
     if replaced is not None:
         shutil.rmtree(replaced)
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """The classes' names in id order from the config's ``id2label``; None when they are only
+    transformers' placeholders (``LABEL_0``, ...) or the model is not a classifier."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label[index] for index in sorted(id2label, key=int)]
+    return None if all(re.fullmatch(r"LABEL_\d+", str(name)) for name in names) else names
+
+
+def make_readable_(directory: Path) -> None:
+    """Add the read permissions (and, on folders, traversal) that the user's umask grants to
+    ``directory`` and everything under it, removing none: transformers writes the weights through a
+    temporary file of mode 0600, which other users (a serving account) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        readable = 0o555 if path.is_dir() else 0o444
+        path.chmod((path.stat().st_mode & 0o7777) | (readable & ~umask))
 
 
 def _shrink_for_export_(model: nn.Module, output_dir: Path) -> dict[str, Any]:

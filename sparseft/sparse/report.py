@@ -88,6 +88,20 @@ def _effective_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(params.items())
 
 
+#: what the numbers of :func:`build_report` count, written into report.json as ``units``
+REPORT_UNITS = {
+    "target_sparsity": "fraction (0 to 1) of the target layers' weights that are exactly zero",
+    "target_weights": "count of weights in the target layers",
+    "trainable_parameters": "count of parameters fine-tuning trained (shared tensors once)",
+    "total_parameters": "count of parameters of the saved model (shared tensors once)",
+    "linear_flops_per_token": "FLOPs per token of all linear layers, 2 per weight (multiply and add); "
+                              "sparse: with every zero weight skipped",
+    "remaining_weights": "fraction (0 to 1) of weights that are not zero: over the targets, and over every "
+                         "parameter of the transformer blocks as movement pruning's paper counts",
+    "layers": "shape: [out, in] in weights; nonzero: count; sparsity: fraction (0 to 1); target: sparsified",
+}
+
+
 def build_report(model: nn.Module, target_names: list[str] | None = None, trainable: int | None = None) -> dict:
     """A JSON-ready summary: overall and per-layer sparsity, parameters, FLOPs.
 
@@ -109,5 +123,6 @@ def build_report(model: nn.Module, target_names: list[str] | None = None, traina
         "total_parameters": total,
         "linear_flops_per_token": {"dense": dense_flops, "sparse": sparse_flops},
         "remaining_weights": remaining_weights(model, [s.name for s in targets]),
-        "layers": [{**asdict(s), "sparsity": s.sparsity} for s in layers],
+        "layers": [{**asdict(s), "sparsity": s.sparsity, "target": s.name in names} for s in layers],
+        "units": REPORT_UNITS,
     }

@@ -1,0 +1,58 @@
+"""What a run was, in a few plain values: its dev metric, its data, its length.
+
+``SparseFTModule`` records the dev metric after every validation (:func:`choose_dev_metric`) and
+writes it with a description of the data into each checkpoint (:data:`RUN_KEY`), so that
+TensorBoard's ``hp_metric``, ``sparseft export``'s report.json and model card, and ``sparseft
+report`` all name the same metric and value. :func:`read_training_summary` reads it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUN_KEY = "sparseft_run"
+
+
+def choose_dev_metric(values: dict[str, float], monitor: str | None = None) -> str | None:
+    """The run's dev metric among the validation ``values`` (``val/...`` keys, in the datamodule's order).
+
+    The metric a checkpoint callback monitors when it is one of them; otherwise the first, which is
+    the task's official (first listed) metric on its first dev set: GLUE's Matthews correlation for
+    CoLA, F1 for MRPC and QQP, Pearson for STS-B, accuracy elsewhere.
+    """
+    if monitor and monitor in values:
+        return monitor
+    return next(iter(values), None)
+
+
+def describe_data(datamodule: Any) -> dict[str, Any]:
+    """Datamodule class, task name and data directory, as plain values (for checkpoints and model cards)."""
+    if datamodule is None:
+        return {}
+    cls = type(datamodule)
+    task = getattr(datamodule, "task", None)
+    return {
+        "datamodule": f"{cls.__module__}.{cls.__qualname__}",
+        "task": getattr(task, "name", task if isinstance(task, str) else None),
+        "data_dir": getattr(datamodule, "data_dir", None),
+    }
+
+
+def read_training_summary(checkpoint_path: str | Path) -> dict[str, Any]:
+    """Backbone, task type, data, optimizer steps and dev metric of the run that wrote a checkpoint.
+
+    The checkpoint is memory-mapped: its tensors are not read.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    run = checkpoint.get(RUN_KEY, {})
+    return {
+        "backbone": hparams.get("backbone"),
+        "task_type": hparams.get("task"),
+        "data": run.get("data", {}),
+        "training_steps": checkpoint.get("global_step"),
+        "dev_metric": run.get("dev_metric"),
+    }
