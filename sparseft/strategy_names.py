@@ -18,7 +18,7 @@ from typing import Any
 
 from jsonargparse import get_loader, set_loader
 
-from sparseft.strategies import get_strategy
+from sparseft.strategies import SparsityStrategy, get_strategy
 from sparseft.strategies.registry import available_strategies
 
 PARSER_MODE = "sparseft"
@@ -30,13 +30,26 @@ _NO_STRATEGY = ("", "null", "none")
 def strategy_class_path(name: str) -> str:
     """The full class path of a strategy given by registry name or class name (any case).
 
-    A dotted path is returned as given (jsonargparse checks it); an unknown name raises
-    ``ValueError`` listing the registered ones.
+    A dotted path, and the exact class name of an imported strategy that is not registered, are
+    returned as given (jsonargparse resolves them); an unknown name raises ``ValueError`` listing the
+    registered ones.
     """
     if "." in name:
         return name
-    cls = get_strategy(name)
+    try:
+        cls = get_strategy(name)
+    except ValueError:
+        if name in _imported_strategy_names(SparsityStrategy):
+            return name  # imported but never registered: jsonargparse resolves its class name
+        raise
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _imported_strategy_names(cls: type) -> set[str]:
+    """Class names of every imported subclass of ``cls``, the names jsonargparse resolves itself."""
+    return {sub.__name__ for sub in cls.__subclasses__()} | {
+        name for sub in cls.__subclasses__() for name in _imported_strategy_names(sub)
+    }
 
 
 def names_a_strategy(value: str) -> bool:
