@@ -225,8 +225,9 @@ class SparseFTModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a fix, a checkpoint whose strategy differs from this run's."""
-        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("name")
-        current = [strategy.strategy_name for strategy in self.strategies()]
+        entry = checkpoint.get(CHECKPOINT_KEY) or {}
+        saved = entry.get("name") or entry.get("class_path")
+        current = [strategy.strategy_id for strategy in self.strategies()]
         if saved and saved not in current:
             raise ValueError(
                 f"this checkpoint was trained with sparsity strategy {saved!r}, but this run uses "
@@ -258,6 +259,6 @@ class SparseFTModule(LightningModule):
 
 def _callback_state(checkpoint: dict[str, Any], strategy: SparsityStrategy) -> dict[str, Any]:
     for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and state.get("strategy") == strategy.strategy_name:
+        if isinstance(state, dict) and state.get("strategy") == strategy.strategy_id:
             return state
-    raise ValueError(f"checkpoint has no saved state for strategy {strategy.strategy_name!r}")
+    raise ValueError(f"checkpoint has no saved state for strategy {strategy.strategy_id!r}")
