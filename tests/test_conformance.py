@@ -49,6 +49,11 @@ SUITES = {name: conformance_class(name, cls) for name, cls in sparseft_strategie
 globals().update({suite.__name__: suite for suite in SUITES.values()})
 
 
+def make_strategy(name: str) -> SparsityStrategy:
+    """One of sparseft's strategies, built from its SETTINGS as a config would build it."""
+    return SUITES[name]().make_strategy()
+
+
 class TestMagnitudeOneShot(StrategyConformance):
     """The suite on a one-shot schedule: dense for 5 steps, pruned at step 5, after the resume
     check's checkpoint (step 4), so the resumed run does the pruning."""
