@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,7 +128,8 @@ def check_zeros(strategy: SparsityStrategy, root: Path) -> None:
     assert guard.checked == STEPS
     for sparse in strategy.layers:
         pruned = int((~sparse.mask).sum())
-        assert pruned == pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
+        expected = pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
+        assert pruned == expected, sparse.name
         assert int((sparse.layer.weight() == 0).sum()) >= pruned, sparse.name
     assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
 
@@ -160,7 +162,7 @@ class _SaveAt(Callback):
             self.sparsity = strategy.applied_sparsity
 
 
-def check_resume(make_strategy: Any, root: Path) -> None:
+def check_resume(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
     """A run resumed from a checkpoint after step :data:`RESUME_STEP` ends with the masks and weights of
     the run that was never interrupted. With a ramping schedule the checkpoint must be mid-ramp."""
     ckpt = root / "interrupted.ckpt"
