@@ -46,9 +46,11 @@ from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.compressed import WEIGHT_FORMATS
 from sparseft.sparse.export import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
-from sparseft.strategies import SparsityStrategy, available_strategies, get_strategy
+from sparseft.strategies import SparsityStrategy, available_strategies
+from sparseft.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 
 EXTRA_COMMANDS = ("export", "strategies", "targets")
+STRATEGY_OPTIONS = ("--sparsity", "--sparsity.class_path", "--sparsity.help")
 
 
 def _tokenizer_name(backbone: str | None, tokenizer: str | None) -> str | None:
@@ -60,11 +62,14 @@ class SparseFTCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # strategy names in configuration files (class_path: magnitude), see sparseft.strategy_names
+        kwargs["parser_kwargs"] = {"parser_mode": register_parser_mode(), **kwargs.get("parser_kwargs", {})}
         # --optimizer / --lr_scheduler go to the module, which builds them from the strategies' groups
         super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                          **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        available_strategies()  # imports entry-point strategies, so that --help lists them too
         parser.add_lightning_class_args(SparsityStrategy, "sparsity", subclass_mode=True, required=False)
         parser.link_arguments(
             ("model.backbone", "model.tokenizer"), "data.init_args.tokenizer", compute_fn=_tokenizer_name
@@ -115,24 +120,17 @@ def resumable_fit(config: dict[str, Any], configured: list[Any]) -> list[Callbac
 
 
 def expand_strategy_names(argv: list[str]) -> list[str]:
-    """Let ``--sparsity magnitude`` (a registry name) stand for the strategy's class path; a strategy
-    that replaces another starts from its own defaults (:func:`start_switched_strategies_fresh`)."""
+    """Let ``--sparsity magnitude`` and ``--sparsity.help magnitude`` (a registry name or class name, any
+    case) stand for the strategy's class path; a strategy that replaces another starts from its own
+    defaults (:func:`start_switched_strategies_fresh`)."""
     expanded = list(argv)
     for index, arg in enumerate(expanded):
         option, equals, value = arg.partition("=")
-        if option in ("--sparsity", "--sparsity.class_path") and equals:
-            expanded[index] = f"{option}={_strategy_class_path(value)}"
-        elif option in ("--sparsity", "--sparsity.class_path") and index + 1 < len(expanded):
-            expanded[index + 1] = _strategy_class_path(expanded[index + 1])
+        if option in STRATEGY_OPTIONS and equals and names_a_strategy(value):
+            expanded[index] = f"{option}={strategy_class_path(value)}"
+        elif arg in STRATEGY_OPTIONS and index + 1 < len(expanded) and names_a_strategy(expanded[index + 1]):
+            expanded[index + 1] = strategy_class_path(expanded[index + 1])
     return start_switched_strategies_fresh(expanded)
-
-
-def _strategy_class_path(value: str) -> str:
-    """A registry name's class path; anything else (a class path, null, a dict, an option) as given."""
-    if not value or "." in value or value.startswith(("{", "-")) or value.lower() in ("null", "none"):
-        return value
-    cls = get_strategy(value)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def list_strategies() -> str:

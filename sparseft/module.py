@@ -255,8 +255,9 @@ class SparseFTModule(LightningModule):
         """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's;
         restore the dev metric."""
         self.dev_metric = checkpoint.get(RUN_KEY, {}).get("dev_metric", self.dev_metric)
-        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("name")
-        current = [strategy.strategy_name for strategy in self.strategies()]
+        entry = checkpoint.get(CHECKPOINT_KEY) or {}
+        saved = entry.get("name") or entry.get("class_path")
+        current = [strategy.strategy_id for strategy in self.strategies()]
         if saved and saved not in current:
             raise ValueError(
                 f"this checkpoint was trained with sparsity strategy {saved!r}, but this run uses "
@@ -268,7 +269,7 @@ class SparseFTModule(LightningModule):
                 "--sparsity, or start a new run from its weights"
             )
         for strategy in self.strategies():
-            if strategy.strategy_name == saved:
+            if strategy.strategy_id == saved:
                 check_strategy_settings(checkpoint[CHECKPOINT_KEY], strategy)
 
     @classmethod
@@ -291,6 +292,6 @@ class SparseFTModule(LightningModule):
 
 def _callback_state(checkpoint: dict[str, Any], strategy: SparsityStrategy) -> dict[str, Any]:
     for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and state.get("strategy") == strategy.strategy_name:
+        if isinstance(state, dict) and state.get("strategy") == strategy.strategy_id:
             return state
-    raise ValueError(f"checkpoint has no saved state for strategy {strategy.strategy_name!r}")
+    raise ValueError(f"checkpoint has no saved state for strategy {strategy.strategy_id!r}")

@@ -22,6 +22,7 @@ class ThirdParty(SparsityStrategy):
 def clean_registry(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(ThirdParty, "strategy_name", ThirdParty.strategy_name)  # registering sets it
 
 
 def test_entry_point_strategies_are_discovered(clean_registry, monkeypatch):
@@ -58,3 +59,31 @@ def test_describe_and_rebuild_round_trip():
     rebuilt = build_strategy(original.describe())
     assert rebuilt.describe() == original.describe()
     assert rebuilt.schedule == original.schedule and rebuilt.targets == ["q", "v"]
+
+
+def test_export_and_resume_rebuild_a_strategy_that_was_never_registered(tmp_path, capsys):
+    import json
+
+    from sparseft.cli import main
+    from sparseft.sparse.schedules import SparsitySchedule
+    from sparseft.testing.conformance import check_resume, fit
+
+    def make() -> ThirdParty:  # not registered: YAML and checkpoints know it by its class path only
+        return ThirdParty(sparsity=0.5, schedule=SparsitySchedule(kind="one_shot", initial_warmup=0.5))
+
+    check_resume(make, tmp_path / "resume")
+    trainer, _ = fit(make(), tmp_path / "run", max_steps=6)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / 'exported'}"])
+    assert "target sparsity 0.5000" in capsys.readouterr().out
+    report = json.loads((tmp_path / "exported" / "report.json").read_text())
+    assert report["strategy"]["class_path"] == f"{__name__}.ThirdParty" and report["strategy"]["name"] == ""
+
+
+def test_a_strategy_that_cannot_be_imported_is_named_in_the_error():
+    from sparseft.strategies import build_strategy
+
+    with pytest.raises(ValueError, match="cannot import the strategy 'nowhere.Missing' this checkpoint was trained"):
+        build_strategy({"name": "", "class_path": "nowhere.Missing", "init_args": {}})
+    with pytest.raises(ValueError, match="'collections.OrderedDict' is not a SparsityStrategy subclass"):
+        build_strategy({"name": "", "class_path": "collections.OrderedDict", "init_args": {}})

@@ -18,13 +18,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sparseft.datamodules.order import EpochShuffleSampler, TrainingOrder
 from sparseft.module import SparseFTModule
-from sparseft.strategies import SparsityStrategy, available_strategies
+from sparseft.strategies import SparsityStrategy
+from sparseft.strategies.registry import sparseft_strategies
 from sparseft.testing import SyntheticClassificationData, tiny_config
 from tests.test_conformance import make_strategy
 
 STEPS = 14  # 5 batches an epoch: three epochs, the checkpoint in the second
 SAVE_AT = 7  # epoch 1, after its 2nd batch; after DSEE's stage boundary (step 3), mid-ramp
-STRATEGIES = sorted(available_strategies())
+STRATEGIES = sorted(sparseft_strategies())  # those of other installed packages are theirs to test
 # strategies whose sparsity is fixed at setup: the checkpoint cannot be mid-schedule
 NO_SCHEDULE = {"s2ft", "spdf"}
 

@@ -19,6 +19,7 @@ Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, s
 from sparseft.sparse.report import count_parameters
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.targets import TargetSpec, describe_targets
-from sparseft.strategies.registry import get_strategy
+from sparseft.strategies.registry import available_strategies, get_strategy
 
 CHECKPOINT_KEY = "sparseft_strategy"
 
@@ -124,6 +125,12 @@ class SparsityStrategy(Callback):
         if abs(pattern.nm_sparsity - self.final_sparsity) > 1e-9:
             raise ValueError(f"pattern {self.pattern!r} means sparsity {pattern.nm_sparsity}; set sparsity to it")
 
+    @property
+    def strategy_id(self) -> str:
+        """The registry name, or the class path of a strategy never registered (used by class path)."""
+        cls = type(self)
+        return self.strategy_name or f"{cls.__module__}.{cls.__qualname__}"
+
     # ---- what a method overrides -------------------------------------------------------
     def make_delta(self, layer: LinearLayer) -> nn.Module | None:
         """ΔW module for ``layer`` (``forward()`` returns ``[out, in]``), or None."""
@@ -196,7 +203,7 @@ class SparsityStrategy(Callback):
         self.attach(pl_module.model)
         trainable, total = count_parameters(pl_module)
         rank_zero_info(
-            f"sparseft: strategy {self.strategy_name!r}, final sparsity {self.final_sparsity:.2%}\n"
+            f"sparseft: strategy {self.strategy_id!r}, final sparsity {self.final_sparsity:.2%}\n"
             f"{describe_targets([s.layer for s in self.layers])}\n"
             f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
         )
@@ -275,7 +282,7 @@ class SparsityStrategy(Callback):
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.strategy_name,
+            "strategy": self.strategy_id,
             "applied_sparsity": self.applied_sparsity,
             "total_steps": self.total_steps,
             "step": self.step,
@@ -283,8 +290,8 @@ class SparsityStrategy(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("strategy")
-        if saved != self.strategy_name:
-            raise ValueError(f"checkpoint state is from strategy {saved!r}, this run uses {self.strategy_name!r}")
+        if saved != self.strategy_id:
+            raise ValueError(f"checkpoint state is from strategy {saved!r}, this run uses {self.strategy_id!r}")
         self.applied_sparsity = state_dict["applied_sparsity"]
         self.total_steps = state_dict["total_steps"]
         self.step = state_dict.get("step", self.step)
@@ -330,10 +337,28 @@ def _plain(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) else value
 
 
+def strategy_class(description: dict[str, Any]) -> type[SparsityStrategy]:
+    """The class a :meth:`SparsityStrategy.describe` names: the registered one by its name, else (a
+    strategy never registered, e.g. used by class path only) the class its ``class_path`` imports."""
+    name, class_path = description.get("name") or "", description.get("class_path")
+    if name in available_strategies() or not class_path:
+        return get_strategy(name)
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"cannot import the strategy {class_path!r} this checkpoint was trained with ({error}): install or "
+            "put on the Python path the package that defines it"
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, SparsityStrategy)):
+        raise ValueError(f"{class_path!r} is not a SparsityStrategy subclass")
+    return cls
+
+
 def build_strategy(description: dict[str, Any]) -> SparsityStrategy:
     """Rebuild a strategy from :meth:`SparsityStrategy.describe` (e.g. a checkpoint's entry)."""
-    cls = get_strategy(description["name"])
     kwargs = dict(description.get("init_args", {}))
     if isinstance(kwargs.get("schedule"), dict):
         kwargs["schedule"] = SparsitySchedule(**kwargs["schedule"])
-    return cls(**kwargs)
+    return strategy_class(description)(**kwargs)

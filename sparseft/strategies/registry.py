@@ -68,3 +68,11 @@ def get_strategy(name: str) -> type[SparsityStrategy]:
         if cls.__name__.lower() == key:
             return cls
     raise ValueError(f"unknown sparsity strategy {name!r}; available: {', '.join(strategies)}")
+
+
+def sparseft_strategies() -> dict[str, type[SparsityStrategy]]:
+    """The strategies sparseft itself ships, by name, sorted: not those of other installed packages
+    (whose entry points are not even loaded), so that installing one changes nothing here."""
+    import sparseft.strategies  # noqa: F401  (registers the built-in strategies)
+
+    return {name: cls for name, cls in sorted(_REGISTRY.items()) if cls.__module__.partition(".")[0] == "sparseft"}

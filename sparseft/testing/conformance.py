@@ -1,0 +1,296 @@
+"""The conformance suite: the contract every sparsity strategy meets, sparseft's own and yours.
+
+A package that ships a strategy runs the suite on it with a pytest class of a few lines::
+
+    from sparseft.testing.conformance import StrategyConformance
+    from my_package import RandomPruning
+
+    class TestRandomPruning(StrategyConformance):
+        strategy_class = RandomPruning
+        init_args = {"sparsity": 0.5, "schedule": {"kind": "cubic", "initial_warmup": 0.1, "final_warmup": 0.3}}
+
+pytest then runs one test per check (:data:`CHECKS`). ``init_args`` are written as in a YAML
+config, plain data: the strategy is built from them by jsonargparse, as ``sparseft fit`` does.
+Each check trains a tiny random BERT (2 layers, hidden size 32) on a synthetic task for
+:data:`STEPS` optimizer steps on the CPU, in seconds. Choose a schedule that reaches the final
+sparsity within them; a one-shot schedule works too (``{"kind": "one_shot", "initial_warmup":
+0.5}`` prunes at step 5, so the resumed run of the ``resume`` check prunes after its checkpoint).
+
+A check that cannot hold for a method is listed in ``not_applicable`` with the reason; it still
+runs, as a strict ``xfail``: the day it passes, the entry must go.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from sparseft.module import SparseFTModule
+from sparseft.sparse.export import export_pretrained
+from sparseft.sparse.masks import pruned_count, topk_mask
+from sparseft.sparse.parametrize import sparse_layers
+from sparseft.strategies import SparsityStrategy, build_strategy
+from sparseft.strategy_names import register_parser_mode
+from sparseft.testing import SyntheticClassificationData, tiny_config
+
+STEPS = 10  # optimizer steps of every run, 4 batches per epoch
+RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a
+# plain DataLoader from its start when resuming mid-epoch)
+CHECKS = ("docstring", "yaml", "zeros", "logging", "resume", "fresh_masks", "export")
+
+
+def build_from_config(strategy_class: type[SparsityStrategy], init_args: dict[str, Any]) -> SparsityStrategy:
+    """The strategy built from plain data by jsonargparse, as a ``sparsity:`` entry of a config."""
+    parser = _sparsity_parser()
+    config = parser.parse_object({"sparsity": {"class_path": _class_path(strategy_class), "init_args": init_args}})
+    return parser.instantiate_classes(config).sparsity
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _sparsity_parser() -> ArgumentParser:
+    parser = ArgumentParser(parser_mode=register_parser_mode(), exit_on_error=False)
+    parser.add_subclass_arguments(SparsityStrategy, "sparsity")
+    return parser
+
+
+def tiny_module() -> SparseFTModule:
+    """A 2-layer random BERT classifier without dropout, the same for every seed-0 run."""
+    torch.manual_seed(0)
+    config = tiny_config("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return SparseFTModule(config=config, num_labels=2, learning_rate=1e-3)
+
+
+def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None,
+        **trainer_kwargs: Any) -> tuple[Trainer, SparseFTModule]:
+    """Train :func:`tiny_module` with ``strategy`` on 32 synthetic examples (4 batches per epoch)."""
+    module = tiny_module()
+    trainer = Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=trainer_kwargs.pop("logger", False),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+        limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0), enable_checkpointing=False,
+        callbacks=[strategy, *trainer_kwargs.pop("callbacks", [])], **trainer_kwargs,
+    )
+    trainer.fit(module, SyntheticClassificationData(size=32), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+# ---- the checks -----------------------------------------------------------------------------
+def check_docstring(strategy_class: type[SparsityStrategy]) -> None:
+    """The docstring says what the arguments mean (``Args:``) and when the strategy acts (``Runs on:``)."""
+    doc = inspect.getdoc(strategy_class) or ""
+    assert "Args:" in doc and "Runs on:" in doc, f"{strategy_class.__name__} docstring needs 'Args:' and 'Runs on:'"
+
+
+def check_yaml(strategy_class: type[SparsityStrategy], init_args: dict[str, Any]) -> None:
+    """Builds from a YAML config by class name (and registry name, if registered), and rebuilds
+    from its checkpoint entry (:meth:`~SparsityStrategy.describe`) with the same arguments."""
+    names = [strategy_class.__name__, _class_path(strategy_class), strategy_class.strategy_name]
+    parser = _sparsity_parser()
+    for name in filter(None, names):
+        text = yaml.safe_dump({"sparsity": {"class_path": name, "init_args": init_args}})
+        strategy = parser.instantiate_classes(parser.parse_string(text)).sparsity
+        assert type(strategy) is strategy_class, name
+    described = strategy.describe()
+    yaml.safe_dump(described)  # plain data: a checkpoint and report.json hold it
+    assert build_strategy(described).describe() == described, "describe() does not rebuild the same strategy"
+
+
+class _PrunedStayZero(Callback):
+    """After every optimizer step, every masked entry of every effective weight is exactly 0."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for sparse in sparse_layers(pl_module.model):
+            assert (sparse.layer.weight()[~sparse.mask] == 0).all(), sparse.name
+        self.checked += 1
+
+
+def check_zeros(strategy: SparsityStrategy, root: Path) -> None:
+    """The final sparsity is reached exactly (the pruned count of the strategy's rounding rule in every
+    layer), and pruned weights are exactly zero after every optimizer step."""
+    guard = _PrunedStayZero()
+    fit(strategy, root, callbacks=[guard])
+    assert guard.checked == STEPS
+    for sparse in strategy.layers:
+        pruned = int((~sparse.mask).sum())
+        expected = pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
+        assert pruned == expected, sparse.name
+        assert int((sparse.layer.weight() == 0).sum()) >= pruned, sparse.name
+    assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
+
+
+def check_logging(strategy: SparsityStrategy, root: Path) -> None:
+    """``sparsity/actual``, ``sparsity/target`` and every layer's sparsity reach the logger, the
+    per-layer values every ``log_every_n_steps`` only, equal to the masks' measured sparsity."""
+    fit(strategy, root, 4, logger=CSVLogger(root, name="logs"), log_every_n_steps=2)
+    with open(root / "logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    columns = {f"sparsity/layer/{sparse.name}" for sparse in strategy.layers}
+    assert columns <= set(rows[0]) and {"sparsity/actual", "sparsity/target"} <= set(rows[0])
+    logged = [row for row in rows if row[next(iter(columns))]]
+    assert [int(row["step"]) for row in logged] == [1, 3]  # every log_every_n_steps, not every step
+    for sparse in strategy.layers:
+        measured = 1 - sparse.mask.float().mean().item()
+        assert float(logged[-1][f"sparsity/layer/{sparse.name}"]) == pytest.approx(measured), sparse.name
+
+
+class _SaveAt(Callback):
+    """Write a checkpoint after optimizer step ``step``, as an interrupted run would have."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path, self.sparsity = step, path, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            strategy = next(c for c in trainer.callbacks if isinstance(c, SparsityStrategy))
+            self.sparsity = strategy.applied_sparsity
+
+
+def check_resume(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
+    """A run resumed from a checkpoint after step :data:`RESUME_STEP` ends with the masks and weights of
+    the run that was never interrupted. With a ramping schedule the checkpoint must be mid-ramp."""
+    ckpt = root / "interrupted.ckpt"
+    saver = _SaveAt(RESUME_STEP, ckpt)
+    straight = make_strategy()
+    fit(straight, root / "straight", callbacks=[saver])
+    if straight.schedule.ramps:
+        assert 0 < saver.sparsity < straight.final_sparsity, "the checkpoint should be mid-schedule"
+    resumed = make_strategy()
+    fit(resumed, root / "resumed", ckpt_path=str(ckpt))
+    for a, b in zip(straight.layers, resumed.layers, strict=True):
+        assert torch.equal(a.mask, b.mask), a.name
+        assert torch.allclose(a.layer.weight(), b.layer.weight(), atol=1e-6), a.name
+
+
+class _FreshMaskCheck(Callback):
+    """Validation and a mid-run checkpoint see the masks of the current scores, not the ones the last
+    training step used before its optimizer step moved the scores."""
+
+    def __init__(self, strategy: SparsityStrategy, ckpt: Path) -> None:
+        self.strategy, self.ckpt = strategy, ckpt
+        self.validated, self.stale_differed = 0, False
+
+    def expected(self) -> list[torch.Tensor]:
+        strategy = self.strategy
+        return [topk_mask(score, strategy.applied_sparsity, layer.row_blocks, strategy.pruned_count_rule)
+                for score, layer in zip(strategy.compute_scores(), strategy.layers, strict=True)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        used = [layer.mask.clone() for layer in self.strategy.layers]
+        self.stale_differed |= any(not torch.equal(a, b) for a, b in zip(used, self.expected()))
+        if trainer.global_step == 6:
+            trainer.save_checkpoint(self.ckpt)
+            saved = torch.load(self.ckpt, weights_only=False)["state_dict"]
+            names = {id(buffer): key for key, buffer in pl_module.named_buffers()}
+            for layer, keep in zip(self.strategy.layers, self.expected(), strict=True):
+                assert torch.equal(saved[names[id(layer.mask)]], keep), layer.name
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        for layer, keep in zip(self.strategy.layers, self.expected(), strict=True):
+            assert torch.equal(layer.mask, keep), layer.name
+        self.validated += 1
+
+
+def check_fresh_masks(strategy: SparsityStrategy, root: Path) -> None:
+    """For ``masks_follow_scores`` strategies: validation, checkpoints and the end of training use the
+    masks that the scores after the last optimizer step define."""
+    if not strategy.masks_follow_scores:
+        pytest.skip("masks_follow_scores is off: the masks do not move with the scores between updates")
+    check = _FreshMaskCheck(strategy, root / "mid.ckpt")
+    trainer, module = fit(strategy, root, callbacks=[check], limit_val_batches=1)  # validates after steps 4 and 8
+    trainer.validate(module, SyntheticClassificationData(size=32), verbose=False)
+    assert check.validated == 3 and check.stale_differed, "the run should have had stale masks to refresh"
+    for layer, keep in zip(strategy.layers, check.expected(), strict=True):
+        assert torch.equal(layer.mask, keep), layer.name
+
+
+def check_export(strategy: SparsityStrategy, root: Path) -> None:
+    """The final checkpoint rebuilds (as ``sparseft export`` does it, from the checkpoint alone) and
+    merges into a plain Hugging Face model with the trained model's logits and sparsity."""
+    from transformers import AutoModelForSequenceClassification
+
+    trainer, module = fit(strategy, root / "run")
+    trainer.save_checkpoint(root / "last.ckpt")
+    rebuilt, rebuilt_strategy = SparseFTModule.from_sparseft_checkpoint(root / "last.ckpt")
+    assert type(rebuilt_strategy) is type(strategy)
+    batch = next(iter(SyntheticClassificationData(size=8).train_dataloader()))
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        expected = module.eval().model(**inputs).logits
+        assert torch.allclose(rebuilt.model(**inputs).logits, expected, atol=1e-5)
+    report = export_pretrained(rebuilt.model, root / "exported", shrink=rebuilt_strategy.structured)
+    plain = AutoModelForSequenceClassification.from_pretrained(root / "exported").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, expected, atol=1e-5)
+    assert report["target_sparsity"] == pytest.approx(strategy.measured_sparsity(), abs=1e-6)
+    assert not any("parametrizations" in key for key in plain.state_dict())
+
+
+# ---- the pytest class ---------------------------------------------------------------------
+class StrategyConformance:
+    """Subclass as ``Test<Name>`` with ``strategy_class`` and ``init_args``: pytest runs every check.
+
+    Attributes:
+        strategy_class: the :class:`SparsityStrategy` subclass under test.
+        init_args: its constructor arguments as plain data (as under ``init_args:`` in YAML).
+        not_applicable: check name (one of :data:`CHECKS`) -> why it cannot hold for this method;
+            the check runs as a strict xfail.
+    """
+
+    strategy_class: ClassVar[type[SparsityStrategy]]
+    init_args: ClassVar[dict[str, Any]] = {}
+    not_applicable: ClassVar[dict[str, str]] = {}
+
+    def make_strategy(self) -> SparsityStrategy:
+        return build_from_config(self.strategy_class, self.init_args)
+
+    def expect(self, request: pytest.FixtureRequest, check: str) -> None:
+        """Mark this test as a strict xfail when ``check`` is listed in ``not_applicable``."""
+        unknown = set(self.not_applicable) - set(CHECKS)
+        assert not unknown, f"not_applicable names unknown checks {sorted(unknown)}; the checks are {CHECKS}"
+        if check in self.not_applicable:
+            request.applymarker(pytest.mark.xfail(reason=self.not_applicable[check], strict=True))
+
+    def test_has_docstring_with_args_and_hooks(self, request):
+        self.expect(request, "docstring")
+        check_docstring(self.strategy_class)
+
+    def test_builds_from_yaml_and_from_its_checkpoint_entry(self, request):
+        self.expect(request, "yaml")
+        check_yaml(self.strategy_class, self.init_args)
+
+    def test_reaches_target_exactly_and_pruned_stay_zero(self, request, tmp_path):
+        self.expect(request, "zeros")
+        check_zeros(self.make_strategy(), tmp_path)
+
+    def test_logs_every_layers_sparsity_when_the_logger_writes(self, request, tmp_path):
+        self.expect(request, "logging")
+        check_logging(self.make_strategy(), tmp_path)
+
+    def test_resume_gives_identical_masks_and_weights(self, request, tmp_path):
+        self.expect(request, "resume")
+        check_resume(self.make_strategy, tmp_path)
+
+    def test_masks_that_follow_scores_are_fresh_in_validation_checkpoints_and_at_the_end(self, request, tmp_path):
+        self.expect(request, "fresh_masks")
+        check_fresh_masks(self.make_strategy(), tmp_path)
+
+    def test_export_from_the_checkpoint_gives_identical_logits(self, request, tmp_path):
+        self.expect(request, "export")
+        check_export(self.make_strategy(), tmp_path)
