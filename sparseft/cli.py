@@ -25,7 +25,9 @@ from sparseft.callbacks import PredictionWriter
 from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
+from sparseft.errors import one_line_user_errors
 from sparseft.module import SparseFTModule
+from sparseft.preflight import check_before_run
 from sparseft.sparse.adapters import extract_adapter, save_adapter
 from sparseft.sparse.export import export_pretrained
 from sparseft.sparse.targets import describe_targets
@@ -47,6 +49,10 @@ class SparseFTCLI(LightningCLI):
         super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                          **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Parse errors are raised, for :mod:`sparseft.errors` to report in one line."""
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SparsityStrategy, "sparsity", subclass_mode=True, required=False)
         parser.link_arguments(
@@ -55,6 +61,12 @@ class SparseFTCLI(LightningCLI):
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.task_type", "model.task", apply_on="instantiate")
         add_optimizer_arguments(parser)
+
+    def after_instantiate_classes(self) -> None:
+        """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.preflight`)."""
+        if self.subcommand is not None:
+            check_before_run(self.model.model, self.datamodule, self.trainer, self.subcommand,
+                             self._get(self.config_init, "ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
@@ -104,7 +116,7 @@ def list_strategies() -> str:
 
 def export_command(argv: list[str]) -> dict[str, Any]:
     """``sparseft export``: merge a checkpoint into a plain HF model directory with report.json."""
-    parser = ArgumentParser(prog="sparseft export", description=export_command.__doc__)
+    parser = ArgumentParser(prog="sparseft export", description=export_command.__doc__, exit_on_error=False)
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by sparseft fit")
     parser.add_argument("--output_dir", type=str, required=True, help="directory to write the model to")
     parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
@@ -138,7 +150,14 @@ def targets_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``sparseft`` console script."""
+    """Entry point of the ``sparseft`` console script; a user error is one line (:mod:`sparseft.errors`)."""
+    command = next(iter(sys.argv[1:] if argv is None else argv), "")
+    with one_line_user_errors(command if command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS) else ""):
+        run_command(argv)
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """Run one ``sparseft`` command line (``argv`` None: the process's own)."""
     argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""

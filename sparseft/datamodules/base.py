@@ -155,6 +155,8 @@ class TextDataModule(LightningDataModule):
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         raw = self._subsample(self.load_split(name), split)
+        if len(raw) == 0:  # torch's sampler would fail later with no word of which data
+            raise ValueError(f"{type(self).__name__}: {name!r} has no examples; check data.data_dir and its files")
         encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
         return encoded.with_format("torch")
 
