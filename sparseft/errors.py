@@ -132,7 +132,7 @@ _NOISE = (_UNION_WRAPPER, "Subtypes:", "Errors:", "Given value type:", "Expected
 
 def _readable_types(text: str) -> str:
     text = re.sub(r"Expected an? typing\.Literal\[(.*?)\]", r"expected one of \1", text)
-    text = re.sub(r"Expected an? <class '(?:[\w.]+\.)?(\w+)'>", r"expected a \1", text)
+    text = re.sub(r"Expected an? <class '(?:[\w.]+\.)?(\w+)'>", r"expected \1", text)
     return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
 
 

@@ -8,6 +8,8 @@ Each case runs the real entry point in-process on a tiny random BERT and tiny TS
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,3 +306,25 @@ def test_nested_parse_error_becomes_the_full_option_name():
         "--sparsity.schedule.kind: expected one of 'cubic', 'one_shot'. Got value: foo "
         "(sparseft fit --help lists the options)"
     )
+
+
+def test_the_console_command_prints_nothing_but_the_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "sparseft.cli", "fit", "--trainer.max_steps=abc",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=root, env={**os.environ, DEBUG_ENV: "", "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == USAGE_ERROR_STATUS
+    assert result.stderr.splitlines() == [
+        "sparseft: error: --trainer.max_steps: expected int. Got value: abc (sparseft fit --help lists the options)"
+    ]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["fit", "export"])
+def test_help_still_exits_cleanly(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--ckpt_path" in capsys.readouterr().out
