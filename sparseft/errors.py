@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -136,17 +137,21 @@ def _readable_types(text: str) -> str:
     return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
 
 
-def condense_parse_error(message: str, command: str = "") -> str:
-    """One line from jsonargparse's nested report: the full option name and the innermost problem.
+class _Problem(NamedTuple):
+    """One innermost line of a jsonargparse report: its indent, line index, full option and class."""
 
-    ``Parser key "sparsity": ... Parser key "schedule": ... Parser key "kind": Expected a
-    typing.Literal['cubic', ...]. Got value: foo`` becomes ``--sparsity.schedule.kind: expected
-    one of 'cubic', .... Got value: foo``, followed by where to read the accepted options.
-    """
+    indent: int
+    index: int
+    text: str
+    option: str
+    class_path: str | None
+
+
+def _problems(lines: list[str]) -> list[_Problem]:
+    """Every line of the report that states a problem (not a key, a union's bookkeeping or a value)."""
     keys: list[tuple[int, str]] = []
-    leaf: tuple[int, int, str, str | None] | None = None  # (depth, line index, option, class)
     classes: list[tuple[int, str]] = []
-    lines = message.splitlines()
+    found = []
     for index, line in enumerate(lines):
         indent = len(line) - len(line.lstrip())
         text = line.strip().removeprefix("- ").strip()
@@ -157,24 +162,36 @@ def condense_parse_error(message: str, command: str = "") -> str:
             text = match.group(2)
         if match := _CLASS_PATH.match(text):
             classes.append((indent, match.group(1)))
-            continue
-        if not text or text.startswith(_NOISE) or text.startswith("Given value:"):
-            continue
-        option = ".".join(key for _, key in keys)
-        if leaf is None or indent > leaf[0]:
-            leaf = (indent, index, option, classes[-1][1] if classes else None)
+        elif text and not text.startswith(_NOISE) and not text.startswith("Given value:"):
+            option = ".".join(key for _, key in keys)
+            found.append(_Problem(indent, index, text, option, classes[-1][1] if classes else None))
+    return found
+
+
+def condense_parse_error(message: str, command: str = "") -> str:
+    """One line from jsonargparse's nested report: the full option name and the innermost problem.
+
+    ``Parser key "sparsity": ... Parser key "schedule": ... Parser key "kind": Expected a
+    typing.Literal['cubic', ...]. Got value: foo`` becomes ``--sparsity.schedule.kind: expected
+    one of 'cubic', .... Got value: foo``, followed by where to read the accepted options. The
+    alternatives of a union (``--trainer.precision``) are all listed.
+    """
     hint = f" (sparseft {command} --help lists the options)" if command else ""
-    if leaf is None:
+    lines = message.splitlines()
+    problems = _problems(lines)
+    if not problems:
         return one_line(message) + hint
-    indent, index, option, class_path = leaf
-    text = lines[index].strip().removeprefix("- ").strip()
-    text = _PARSER_KEY.sub(r"\2", text) or text
-    if match := _NOT_ACCEPTED.match(text):
-        owner = f" of {class_path}" if class_path else ""
-        return f"--{option}.{match.group(1)}: no such option{owner}{hint}"
-    given = next((line.strip() for line in lines[index + 1 :]
-                  if line.strip().startswith("Given value:") and len(line) - len(line.lstrip()) < indent), None)
+    deepest = max(problems, key=lambda problem: problem.indent)  # the first of the deepest
+    if match := _NOT_ACCEPTED.match(deepest.text):
+        owner = f" of {deepest.class_path}" if deepest.class_path else ""
+        return f"--{deepest.option}.{match.group(1)}: no such option{owner}{hint}"
+    end = next((i for i in range(deepest.index + 1, len(lines))
+                if len(lines[i]) - len(lines[i].lstrip()) < deepest.indent), len(lines))
+    alternatives = [_readable_types(problem.text) for problem in problems
+                    if problem.indent == deepest.indent and deepest.index <= problem.index < end]
+    text = alternatives[0] + "".join(f" or {other.removeprefix('expected ')}" for other in alternatives[1:])
+    given = next((line.strip() for line in lines[end:] if line.strip().startswith("Given value:")), None)
     if given and "Got value" not in text:
         text = f"{text.rstrip('.')}. {given}"
-    prefix = f"--{option}: " if option else ""
-    return prefix + _readable_types(one_line(text)) + hint
+    prefix = f"--{deepest.option}: " if deepest.option else ""
+    return prefix + one_line(text) + hint

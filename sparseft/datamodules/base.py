@@ -78,6 +78,9 @@ class TextDataModule(LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {size}")
         self.tokenizer_name = tokenizer
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.data_dir = data_dir
