@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparseft.backbone import load_backbone
 from sparseft.cli import main
+from sparseft.datamodules.e2e import read_e2e_csv
+from sparseft.datamodules.text import read_documents
 from sparseft.errors import DEBUG_ENV, USAGE_ERROR_STATUS, condense_parse_error, user_error_message
+from sparseft.sparse.masks import check_sparsity
+from sparseft.sparse.parametrize import sparse_layers
+from sparseft.sparse.schedules import SparsitySchedule
+from sparseft.strategies import DSEE, Magnitude
+from sparseft.testing import tiny_config
 
 ROWS = [("the movie was a delight from start to finish", 1), ("a dull , lifeless film with no story", 0)] * 4
 
@@ -257,8 +265,6 @@ def _raised(error: Exception) -> Exception:
 
 
 def test_only_user_errors_become_one_line():
-    from sparseft.sparse.masks import check_sparsity
-
     ours = _raised_from(lambda: check_sparsity(2.0))
     assert user_error_message(ours) == "sparsity must be in [0, 1), got 2.0: it is the fraction of weights removed"
     assert user_error_message(_raised(ValueError("raised outside sparseft"))) is None  # a bug: keeps its traceback
@@ -332,3 +338,25 @@ def test_help_still_exits_cleanly(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--ckpt_path" in capsys.readouterr().out
+
+
+def test_attach_checks_the_model_outside_the_cli_too():
+    model = load_backbone("sequence-classification", config=tiny_config("bert"), num_labels=2)
+    nm = Magnitude(sparsity=0.6, pattern="2:5", schedule=SparsitySchedule(kind="one_shot"))
+    with pytest.raises(ValueError, match=r"layer bert\.encoder\.layer\.0\.attention\.self\.query has 32"):
+        nm.attach(model)
+    with pytest.raises(ValueError, match="num_sparse 2000 is more than the 32x32 = 1024 weights"):
+        DSEE(num_sparse=2000).attach(model)
+    assert not sparse_layers(model), "nothing was attached"
+
+
+def test_e2e_and_text_files_name_file_and_line(tmp_path):
+    (tmp_path / "binary.csv").write_bytes(b"mr,ref\nname[x],fine\n\xff\xfe,x\n")
+    with pytest.raises(ValueError, match=r"binary\.csv:3: not UTF-8"):
+        read_e2e_csv(tmp_path / "binary.csv")
+    (tmp_path / "header.csv").write_text("mr,ref\n")
+    with pytest.raises(ValueError, match=r"header\.csv: no records after the header"):
+        read_e2e_csv(tmp_path / "header.csv")
+    (tmp_path / "corpus.tsv").write_bytes(b"text\nfine\n\x00\x01\n")
+    with pytest.raises(ValueError, match=r"corpus\.tsv:3: a NUL byte"):
+        read_documents(tmp_path / "corpus.tsv")
