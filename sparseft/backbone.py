@@ -100,11 +100,23 @@ def resolve_model_path(name_or_path: str, gguf_cache_dir: str | Path | None = No
     if is_gguf(name_or_path):
         return str(gguf_to_pretrained(locate_gguf(name_or_path), gguf_cache_dir))
     if not name_or_path.startswith(PACKAGE_PREFIX):
+        _check_local_path(name_or_path)
         return name_or_path
     path = package_path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"backbone {name_or_path!r}: {path} is not a directory")
     return str(path)
+
+
+def _check_local_path(name: str) -> None:
+    """Refuse a name that can only be a local path (absolute, relative with ``./``, ``~``, or more than one
+    ``/``: a hub id is ``name`` or ``owner/name``) and does not exist; the hub would only say its id is malformed."""
+    is_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if is_path and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model {name!r}: no such directory; give --model.backbone (or model.tokenizer / model.teacher) an "
+            "existing model directory, a hub id such as 'bert-base-uncased', or pkg:<package>/<dir>"
+        )
 
 
 def _check_task(task: str) -> None:
@@ -157,7 +169,12 @@ def load_backbone(
         kwargs = _task_config_kwargs(task, num_labels)
         if kwargs:  # a new task head may differ in size from a saved one: re-initialise it
             kwargs["ignore_mismatched_sizes"] = True
-        return model_class.from_pretrained(path, **kwargs)
+        try:
+            return model_class.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as error:  # not on the hub, offline, or a directory without a model
+            reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+            raise FileNotFoundError(f"model {name_or_path!r} (--model.backbone / --model.teacher) could not be loaded: "
+                                    f"{reason}") from error
     if config is None:
         raise ValueError("give a backbone name/path or a config dict to build a random model from")
     return model_class.from_config(build_config(config, task, num_labels))

@@ -38,7 +38,9 @@ from sparseft.cli_checks import (
 )
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.datamodules.base import TextDataModule
+from sparseft.errors import one_line_user_errors
 from sparseft.module import SparseFTModule
+from sparseft.preflight import check_before_run
 from sparseft.report_command import report_command
 from sparseft.resume import model_options_from_checkpoint
 from sparseft.run_summary import read_training_summary
@@ -67,6 +69,10 @@ class SparseFTCLI(LightningCLI):
         # --optimizer / --lr_scheduler go to the module, which builds them from the strategies' groups
         super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                          **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Parse errors are raised, for :mod:`sparseft.errors` to report in one line."""
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         available_strategies()  # imports entry-point strategies, so that --help lists them too
@@ -97,6 +103,12 @@ class SparseFTCLI(LightningCLI):
         taken = model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(), SparseFTModule)
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+
+    def after_instantiate_classes(self) -> None:
+        """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.preflight`)."""
+        if self.subcommand is not None:
+            check_before_run(self.model.model, self.datamodule, self.trainer, self.subcommand,
+                             self._get(self.config_init, "ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
@@ -144,7 +156,7 @@ def list_strategies() -> str:
 
 def export_command(argv: list[str]) -> dict[str, Any]:
     """``sparseft export``: merge a checkpoint into a plain HF model directory with report.json."""
-    parser = ArgumentParser(prog="sparseft export", description=export_command.__doc__)
+    parser = ArgumentParser(prog="sparseft export", description=export_command.__doc__, exit_on_error=False)
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by sparseft fit")
     parser.add_argument("--output_dir", type=str, required=True, help="directory to write the model to")
     parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
@@ -186,7 +198,14 @@ def targets_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``sparseft`` console script."""
+    """Entry point of the ``sparseft`` console script; a user error is one line (:mod:`sparseft.errors`)."""
+    command = next(iter(sys.argv[1:] if argv is None else argv), "")
+    with one_line_user_errors(command if command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS) else ""):
+        run_command(argv)
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """Run one ``sparseft`` command line (``argv`` None: the process's own)."""
     argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""

@@ -8,7 +8,7 @@ The module knows nothing of sparsity methods: strategies (callbacks) attach to
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
 from sparseft.callbacks import RandomState
+from sparseft.checkpoint_checks import read_checkpoint, state_mismatch
 from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
@@ -251,6 +252,16 @@ class SparseFTModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         checkpoint[RUN_KEY] = {"dev_metric": self.dev_metric, "data": describe_data(datamodule)}
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As torch's, but a state that does not fit this model is refused in one line naming the difference."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            reason = state_mismatch(state_dict, self.state_dict())
+            if reason is None:
+                raise
+            raise reason from error
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's;
         restore the dev metric."""
@@ -275,7 +286,7 @@ class SparseFTModule(LightningModule):
     @classmethod
     def from_sparseft_checkpoint(cls, path: str | Path) -> tuple[SparseFTModule, SparsityStrategy | None]:
         """Rebuild module and strategy from a checkpoint, with no access to the original weights."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(path, ("hyper_parameters", HF_CONFIG_KEY, "state_dict"))
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
         hparams.update(backbone=None, config=checkpoint[HF_CONFIG_KEY], teacher=None, optimizer=None, lr_scheduler=None)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sparseft.backbone import load_backbone
-from sparseft.cli import main
+from sparseft.cli import run_command
 from sparseft.module import SparseFTModule
 from sparseft.sparse.compressed import REMOTE_CODE_FILE, check_weight_format, load_compressed
 from sparseft.sparse.compressed_modeling import (
@@ -136,13 +136,13 @@ def test_cli_export_format_compressed(tiny_bert_dir, tmp_path):
     rows = "".join(f"{text}\t{label}\n" for text, label in SENTENCES * 4)
     for split in ("train", "dev"):
         (data / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
-    main(fit_args(tiny_bert_dir, data, tmp_path / "run"))
+    run_command(fit_args(tiny_bert_dir, data, tmp_path / "run"))
     ckpt = last_checkpoint(tmp_path / "run")
     module, _ = SparseFTModule.from_sparseft_checkpoint(ckpt)
     inputs = torch.randint(5, 300, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = module.model(input_ids=inputs).logits
-    main(["export", f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'out'}", "--format=compressed"])
+    run_command(["export", f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'out'}", "--format=compressed"])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["weights"]["format"] == "compressed" and report["target_sparsity"] == pytest.approx(0.5)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from sparseft.backbone import load_backbone
-from sparseft.cli import main
+from sparseft.cli import run_command
 from sparseft.sparse import sparsify
 from sparseft.sparse.export import export_pretrained
 from sparseft.testing import tiny_config
@@ -41,7 +41,7 @@ def test_an_empty_output_dir_is_refused_and_nothing_is_written(tmp_path, monkeyp
     with pytest.raises(ValueError, match="output_dir is empty"):
         export_pretrained(tiny_model(), "")
     with pytest.raises(ValueError, match="output_dir is empty"):
-        main(["export", "--ckpt_path=unused.ckpt", "--output_dir="])
+        run_command(["export", "--ckpt_path=unused.ckpt", "--output_dir="])
     with pytest.raises(ValueError, match=f"output_dir . holds {tmp_path}, which the export would replace"):
         export_pretrained(tiny_model(), ".")  # the current directory, although empty
     assert list(tmp_path.iterdir()) == []
@@ -87,5 +87,5 @@ def test_overwrite_never_deletes_the_checkpoint_being_exported(tmp_path):
     checkpoint = run / "last.ckpt"
     torch.save({}, checkpoint)
     with pytest.raises(ValueError, match=r"output_dir .* holds .*last.ckpt, which the export would replace"):
-        main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={run}", "--overwrite=true"])
+        run_command(["export", f"--ckpt_path={checkpoint}", f"--output_dir={run}", "--overwrite=true"])
     assert checkpoint.exists()

@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from transformers import pipeline
 
 from sparseft.backbone import load_backbone
-from sparseft.cli import main
+from sparseft.cli import run_command
 from sparseft.module import SparseFTModule
 from sparseft.report_command import measured_pattern
 from sparseft.sparse.export import export_pretrained
@@ -33,11 +33,11 @@ def fitted(tiny_bert_dir, sst2_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("report")
     extra = ("--trainer.val_check_interval=6", "--trainer.log_every_n_steps=1", "--sparsity.pattern=2:4",
              "--sparsity.schedule.kind=one_shot")
-    main(fit_args(tiny_bert_dir, sst2_dir, root / "run", *extra))
+    run_command(fit_args(tiny_bert_dir, sst2_dir, root / "run", *extra))
     checkpoint = last_checkpoint(root / "run")
     umask = os.umask(0o022)
     try:
-        main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={root / 'exported'}"])
+        run_command(["export", f"--ckpt_path={checkpoint}", f"--output_dir={root / 'exported'}"])
     finally:
         os.umask(umask)
     return root, checkpoint, root / "exported"
@@ -134,7 +134,7 @@ def table_rows(out: str) -> dict[str, list[str]]:
 def test_report_prints_the_table_and_writes_the_figures(fitted, capsys):
     _, checkpoint, exported = fitted
     capsys.readouterr()
-    main(["report", str(checkpoint)])
+    run_command(["report", str(checkpoint)])
     from_checkpoint = capsys.readouterr().out
     rows = table_rows(from_checkpoint)
     assert len(rows) == 13  # 12 targets and the total
@@ -149,7 +149,7 @@ def test_report_prints_the_table_and_writes_the_figures(fitted, capsys):
     with Image.open(figures / "sparsity.png") as image:
         assert image.format == "PNG" and image.height > 12 * 16  # a row per layer
 
-    main(["report", str(exported), f"--output_dir={exported.parent / 'figures'}"])
+    run_command(["report", str(exported), f"--output_dir={exported.parent / 'figures'}"])
     assert table_rows(capsys.readouterr().out) == rows  # the export measures what the checkpoint held
     assert len(list((exported.parent / "figures").glob("*.png"))) == 4
 
@@ -158,14 +158,14 @@ def test_report_never_overwrites_silently(fitted, tmp_path):
     _, checkpoint, _ = fitted
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path} exists and is not empty")):
-        main(["report", str(checkpoint), f"--output_dir={tmp_path}"])
-    main(["report", str(checkpoint), f"--output_dir={tmp_path}", "--overwrite=true"])
+        run_command(["report", str(checkpoint), f"--output_dir={tmp_path}"])
+    run_command(["report", str(checkpoint), f"--output_dir={tmp_path}", "--overwrite=true"])
     assert (tmp_path / "sparsity.png").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_report_refuses_a_directory_that_is_not_an_export(tmp_path):
     with pytest.raises(ValueError, match="has no report.json"):
-        main(["report", str(tmp_path), f"--output_dir={tmp_path / 'out'}"])
+        run_command(["report", str(tmp_path), f"--output_dir={tmp_path / 'out'}"])
 
 
 def test_measured_pattern_names_n_m_and_zero_rows_and_columns():
@@ -186,7 +186,7 @@ def test_report_of_an_s2ft_checkpoint_lists_its_slice_layers(tmp_path, capsys):
     trainer.fit(module, SyntheticClassificationData(size=16))
     trainer.save_checkpoint(tmp_path / "s2ft.ckpt")
     capsys.readouterr()
-    main(["report", str(tmp_path / "s2ft.ckpt")])
+    run_command(["report", str(tmp_path / "s2ft.ckpt")])
     rows = table_rows(capsys.readouterr().out)
     assert sorted(rows) == ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
                             "bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense", "total"]

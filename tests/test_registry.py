@@ -64,7 +64,7 @@ def test_describe_and_rebuild_round_trip():
 def test_export_and_resume_rebuild_a_strategy_that_was_never_registered(tmp_path, capsys):
     import json
 
-    from sparseft.cli import main
+    from sparseft.cli import run_command
     from sparseft.sparse.schedules import SparsitySchedule
     from sparseft.testing.conformance import check_resume, fit
 
@@ -74,7 +74,7 @@ def test_export_and_resume_rebuild_a_strategy_that_was_never_registered(tmp_path
     check_resume(make, tmp_path / "resume")
     trainer, _ = fit(make(), tmp_path / "run", max_steps=6)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    main(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / 'exported'}"])
+    run_command(["export", f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={tmp_path / 'exported'}"])
     assert "target sparsity 0.5000" in capsys.readouterr().out
     report = json.loads((tmp_path / "exported" / "report.json").read_text())
     assert report["strategy"]["class_path"] == f"{__name__}.ThirdParty" and report["strategy"]["name"] == ""

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sparseft.cli import expand_strategy_names, main
+from sparseft.cli import expand_strategy_names, run_command
 from sparseft.cli_checks import check_trainer_strategy
 from sparseft.datamodules import GLUEDataModule
 from sparseft.module import SparseFTModule
@@ -31,7 +31,7 @@ def without(args: list[str], *prefixes: str) -> list[str]:
 def fitted(tiny_bert_dir, sst2_dir, tmp_path_factory) -> Path:  # noqa: F811
     """The last checkpoint of a 2-step magnitude fit at sparsity 0.5 and learning rate 1e-3."""
     root = tmp_path_factory.mktemp("fitted")
-    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=2"))
+    run_command(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=2"))
     return last_checkpoint(root)
 
 
@@ -45,12 +45,12 @@ def test_a_checkpoint_of_another_backbone_is_refused_naming_both(tiny_bert_dir, 
     torch.save({"hyper_parameters": {**DEFAULTS, "backbone": str(tiny_gpt2_dir), "learning_rate": 1e-3}}, ckpt)
     with pytest.raises(ValueError, match=rf"model.backbone='{tiny_gpt2_dir}', but this run sets "
                                          rf"model.backbone='{tiny_bert_dir}': drop --model.backbone"):
-        main(run_args("fit", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={ckpt}"))
+        run_command(run_args("fit", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={ckpt}"))
     config = f"--model.config={yaml.safe_dump(tiny_config('bert'), default_flow_style=True).strip()}"
     args = [*without(run_args("fit", tiny_bert_dir, sst2_dir, tmp_path), "--model.backbone"), config,
             f"--model.tokenizer={tiny_bert_dir}", f"--ckpt_path={ckpt}"]
     with pytest.raises(ValueError, match="holds a model with model.config=None, but this run sets model.config="):
-        main(args)  # a tiny-BERT config resumed from a GPT-2 checkpoint
+        run_command(args)  # a tiny-BERT config resumed from a GPT-2 checkpoint
     assert not (tmp_path / "lightning_logs").exists()
 
 
@@ -60,7 +60,7 @@ def test_options_the_user_set_win_unset_ones_come_from_the_checkpoint_and_config
     args = run_args("validate", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={fitted}",
                     "--model.learning_rate=0.005", "--trainer.limit_val_batches=1")
     with caplog.at_level("INFO"):
-        main(without(args, "--model.backbone"))
+        run_command(without(args, "--model.backbone"))
     saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())["model"]
     assert saved["learning_rate"] == 0.005 and saved["backbone"] == str(tiny_bert_dir)
     assert "model.learning_rate=0.005 (this run's; the checkpoint's was 0.001)" in caplog.text
@@ -84,7 +84,7 @@ def test_resume_with_another_sparsity_is_refused_naming_both_and_the_fix(fitted,
     args = [*fit_args(tiny_bert_dir, sst2_dir, tmp_path), "--sparsity.sparsity=0.3", f"--ckpt_path={fitted}"]
     with pytest.raises(ValueError, match=r"magnitude settings differ from the checkpoint's: sparsity 0.3 \(checkpoint: "
                                          r"0.5\); .* resume with them \(--sparsity.sparsity=0.5\)"):
-        main(args)
+        run_command(args)
 
 
 def test_strategy_settings_that_move_masks_must_match_and_others_may_change():
@@ -112,7 +112,7 @@ def test_a_checkpoint_of_another_strategy_is_refused():
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
 def test_evaluation_without_a_checkpoint_is_refused(command, tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=f"sparseft {command} without --ckpt_path would use the untrained backbone"):
-        main(run_args(command, tiny_bert_dir, sst2_dir, tmp_path))
+        run_command(run_args(command, tiny_bert_dir, sst2_dir, tmp_path))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -121,16 +121,17 @@ def test_evaluation_without_a_checkpoint_is_refused(command, tiny_bert_dir, sst2
 ])
 def test_backbone_weights_conflicts_are_refused(extra, message, tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=message):
-        main(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path, "--backbone_weights=true", *extra))
+        run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path, "--backbone_weights=true", *extra))
 
 
 def test_an_exported_model_predicts_with_backbone_weights_as_its_checkpoint_does(
     fitted, tiny_bert_dir, sst2_dir, tmp_path  # noqa: F811
 ):
     exported = tmp_path / "exported"
-    main(["export", f"--ckpt_path={fitted}", f"--output_dir={exported}"])
-    main(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path / "ckpt", f"--ckpt_path={fitted}"))
-    main(run_args("predict", exported, sst2_dir, tmp_path / "export", "--sparsity=null", "--backbone_weights=true"))
+    run_command(["export", f"--ckpt_path={fitted}", f"--output_dir={exported}"])
+    run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path / "ckpt", f"--ckpt_path={fitted}"))
+    run_command(run_args("predict", exported, sst2_dir, tmp_path / "export", "--sparsity=null",
+                         "--backbone_weights=true"))
     from_checkpoint = (tmp_path / "ckpt" / "predictions.tsv").read_text()
     assert from_checkpoint == (tmp_path / "export" / "predictions.tsv").read_text()
     assert len(from_checkpoint.splitlines()) == len(SENTENCES) + 1
@@ -161,7 +162,7 @@ def test_max_length_that_leaves_no_room_for_text_is_refused(tiny_bert_dir, sst2_
 def test_sparsity_null_with_an_equals_sign_means_no_strategy(tiny_bert_dir, sst2_dir, tmp_path, capsys):  # noqa: F811
     assert expand_strategy_names(["--sparsity=null"]) == ["--sparsity=null"]
     with pytest.raises(SystemExit, match="no sparsity strategy in this configuration"):
-        main(["targets", *fit_args(tiny_bert_dir, sst2_dir, tmp_path)[1:], "--sparsity=null"])
+        run_command(["targets", *fit_args(tiny_bert_dir, sst2_dir, tmp_path)[1:], "--sparsity=null"])
 
 
 # ---- trainer strategies ---------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_sharded_trainer_strategies_are_refused_before_loading_anything(
     monkeypatch.setattr("sparseft.module.load_backbone", no_loading)
     with pytest.raises(ValueError, match=f"--trainer.strategy {name} is not supported with a sparsity strategy: .*"
                                          "Use --trainer.strategy ddp"):
-        main([*fit_args(tiny_bert_dir, sst2_dir, tmp_path), f"--trainer.strategy={strategy}"])
+        run_command([*fit_args(tiny_bert_dir, sst2_dir, tmp_path), f"--trainer.strategy={strategy}"])
 
 
 def test_ddp_and_dense_runs_are_not_refused():

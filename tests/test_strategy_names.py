@@ -8,7 +8,7 @@ import pydoc
 import pytest
 import yaml
 
-from sparseft.cli import SparseFTCLI, expand_strategy_names, main
+from sparseft.cli import SparseFTCLI, expand_strategy_names, run_command
 from sparseft.strategies import PST, SPDF, Magnitude, available_strategies
 from sparseft.strategy_names import resolve_strategy_names
 from tests import test_cli
@@ -61,7 +61,7 @@ def test_unknown_name_in_yaml_is_one_line_listing_the_available(tiny_bert_dir, s
                                            ("pst", "--sparsity.mask_rank"), ("Spdf", "--sparsity.dense_from_step")])
 def test_sparsity_help_takes_a_registry_or_class_name(given, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--sparsity.help", given])
+        run_command(["fit", "--sparsity.help", given])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert f"{option} " in out and "--sparsity.sparsity" in out

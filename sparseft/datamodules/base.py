@@ -80,6 +80,9 @@ class TextDataModule(LightningDataModule):
         super().__init__()
         if max_length < 1:
             raise ValueError(f"data.max_length {max_length}: inputs are cut to max_length tokens; give at least 1")
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {size}")
         self.tokenizer_name = tokenizer
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.data_dir = data_dir
@@ -157,6 +160,8 @@ class TextDataModule(LightningDataModule):
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         raw = self._subsample(self.load_split(name), split)
+        if len(raw) == 0:  # torch's sampler would fail later with no word of which data
+            raise ValueError(f"{type(self).__name__}: {name!r} has no examples; check data.data_dir and its files")
         encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
         return encoded.with_format("torch")
 

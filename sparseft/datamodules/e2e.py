@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 
 from sparseft.datamodules.base import TextDataModule
 from sparseft.datamodules.e2e_metrics import E2EMetric
+from sparseft.datamodules.files import utf8_lines
 
 HUB_DATASET = "tuetschek/e2e_nlg"
 HUB_COLUMNS = {"meaning_representation": "mr", "human_reference": "ref"}
@@ -26,26 +27,27 @@ def read_e2e_csv(path: Path) -> dict[str, list[str]]:
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: no ``mr`` / ``ref`` header, or a record with another number of fields or an
-            empty field (the message names the file, the record and its line).
+        ValueError: no ``mr`` / ``ref`` header, no records, a line that is not UTF-8, or a record with
+            another number of fields or an empty field (the message names the file, the record and its line).
     """
     if not path.is_file():
         raise FileNotFoundError(f"E2E: no file {path}")
     rows: dict[str, list[str]] = {"mr": [], "ref": []}
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = [field.strip().lower() for field in next(reader, [])]
-        if "mr" not in header or "ref" not in header:
-            raise ValueError(f"{path}: expected a header with columns 'mr' and 'ref', found {header}")
-        mr_column, ref_column = header.index("mr"), header.index("ref")
-        for record, fields in enumerate(reader, start=1):
-            where = f"{path}: record {record} (line {reader.line_num})"
-            if len(fields) != len(header):
-                raise ValueError(f"{where}: {len(fields)} fields, expected {len(header)} ({fields!r})")
-            if not fields[mr_column].strip() or not fields[ref_column].strip():
-                raise ValueError(f"{where}: empty 'mr' or 'ref' field")
-            rows["mr"].append(fields[mr_column])
-            rows["ref"].append(fields[ref_column])
+    reader = csv.reader(utf8_lines(path))
+    header = [field.strip().lower() for field in next(reader, [])]
+    if "mr" not in header or "ref" not in header:
+        raise ValueError(f"{path}: expected a header with columns 'mr' and 'ref', found {header}")
+    mr_column, ref_column = header.index("mr"), header.index("ref")
+    for record, fields in enumerate(reader, start=1):
+        where = f"{path}: record {record} (line {reader.line_num})"
+        if len(fields) != len(header):
+            raise ValueError(f"{where}: {len(fields)} fields, expected {len(header)} ({fields!r})")
+        if not fields[mr_column].strip() or not fields[ref_column].strip():
+            raise ValueError(f"{where}: empty 'mr' or 'ref' field")
+        rows["mr"].append(fields[mr_column])
+        rows["ref"].append(fields[ref_column])
+    if not rows["mr"]:
+        raise ValueError(f"{path}: no records after the header: is it the right file?")
     return rows
 
 

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparseft.datamodules.files import utf8_lines
+
 csv.field_size_limit(sys.maxsize)
 
 
@@ -108,17 +110,18 @@ def read_tsv(path: Path, task: GlueTask, labelled: bool = True) -> dict[str, lis
 
     Raises:
         FileNotFoundError: the file is missing (the message names it).
-        ValueError: a row has the wrong number of fields or an unreadable label
-            (the message names the file and the 1-based line).
+        ValueError: the file has no data rows, is not UTF-8 text, or a row has the wrong number
+            of fields or an unreadable label (the message names the file and the 1-based line).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE {task.name}: no file {path}")
+        raise FileNotFoundError(f"GLUE {task.name}: no file {path}; data.data_dir must be the task's GLUE TSV folder")
     wanted = list(task.text_columns) + (["label"] if labelled else [])
     columns: dict[str, list] = {name: [] for name in wanted}
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        file_columns = task.columns(labelled)
-        positional = all(isinstance(file_columns[name], int) for name in wanted)
+    lines = utf8_lines(path)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    file_columns = task.columns(labelled)
+    positional = all(isinstance(file_columns[name], int) for name in wanted)
+    try:
         header = None if positional else next(reader, None)
         if not positional and header is None:
             raise ValueError(f"{path}: empty file, expected a header row")
@@ -133,6 +136,10 @@ def read_tsv(path: Path, task: GlueTask, labelled: bool = True) -> dict[str, lis
             for name in wanted:
                 value = row[index[name]]
                 columns[name].append(_parse_label(task, value, where) if name == "label" else value)
+    except csv.Error as error:  # e.g. a NUL byte
+        raise ValueError(f"{path}:{reader.line_num}: not a GLUE TSV line ({error})") from None
+    if not columns[wanted[0]]:
+        raise ValueError(f"{path}: no data rows{'' if positional else ' after the header'}: is it the right file?")
     return columns
 
 

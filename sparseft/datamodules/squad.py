@@ -30,7 +30,7 @@ def read_squad_json(path: Path) -> dict[str, list]:
         raise FileNotFoundError(f"SQuAD: no file {path}")
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a SQuAD JSON file with a top-level 'data' list ({error})") from None
     rows: dict[str, list] = {"id": [], "title": [], "context": [], "question": [], "answers": []}
     for a, article in enumerate(articles):

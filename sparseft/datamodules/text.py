@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric, MetricCollection
 
 from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.files import utf8_lines
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -74,20 +75,16 @@ def _lines(path: Path, text_column: str) -> list[str]:
 
 def _table_column(path: Path, text_column: str) -> list[str]:
     tsv = path.suffix == ".tsv"
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-            reader = csv.reader(handle, delimiter="\t" if tsv else ",", quoting=quoting)
-            header = next(reader, [])
-            if text_column not in header:
-                raise ValueError(f"{path}: line 1: no column {text_column!r} in the header {header}")
-            column, documents = header.index(text_column), []
-            for fields in reader:
-                if len(fields) != len(header):
-                    raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} fields, expected {len(header)}")
-                documents.append(fields[column])
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 ({error.reason})") from None
+    reader = csv.reader(utf8_lines(path), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header = next(reader, [])
+    if text_column not in header:
+        raise ValueError(f"{path}: line 1: no column {text_column!r} in the header {header}")
+    column, documents = header.index(text_column), []
+    for fields in reader:
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} fields, expected {len(header)}")
+        documents.append(fields[column])
     return documents
 
 

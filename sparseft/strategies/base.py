@@ -36,7 +36,7 @@ from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, sparsify
 from sparseft.sparse.report import count_parameters
 from sparseft.sparse.schedules import SparsitySchedule
-from sparseft.sparse.targets import TargetSpec, describe_targets
+from sparseft.sparse.targets import TargetSpec, describe_targets, select_targets
 from sparseft.strategies.registry import available_strategies, get_strategy
 
 CHECKPOINT_KEY = "sparseft_strategy"
@@ -162,9 +162,27 @@ class SparsityStrategy(Callback):
         return sparsity != self.applied_sparsity
 
     # ---- plain PyTorch part ---------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse options that cannot work on ``model`` before anything is attached or trained:
+        targets that match no layer, an ``N:M`` pattern on a layer whose input width M does not divide.
+
+        The CLI calls it before the data is read (:mod:`sparseft.preflight`), ``attach`` before attaching.
+
+        Raises:
+            ValueError: naming the option, the layer and the fix.
+        """
+        pattern = MaskPattern.parse(self.pattern)
+        for layer in select_targets(model, self.targets):
+            if pattern.scope == "nm" and layer.shape[1] % pattern.m:
+                raise ValueError(
+                    f"sparsity.pattern {self.pattern!r} groups every {pattern.m} inputs, but layer {layer.name} has "
+                    f"{layer.shape[1]}: choose an M that divides it, or leave the layer out of sparsity.targets"
+                )
+
     def attach(self, model: nn.Module) -> list[SparseLayer]:
         """Select targets and attach the parametrization (idempotent)."""
         if not self.layers:
+            self.check_model(model)
             self.layers = sparsify(model, self.targets, self.make_delta, self.make_score, self.freeze_base)
             self._measure()
         return self.layers

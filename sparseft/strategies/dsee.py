@@ -145,8 +145,23 @@ class DSEE(SparsityStrategy):
         roles = {layer.role for layer in find_linear_layers(model)}
         return select_targets(model, ["q", "v"] if {"q", "v"} <= roles else "qkv")
 
+    def check_model(self, model: nn.Module) -> None:
+        """Targets and prune targets must match layers, ``rank`` must fit every update matrix, and every update
+        matrix must hold ``num_sparse`` values."""
+        self.check_rank(model)
+        sizes = {layer.name: (layer.shape[0] // layer.fused_matrices, layer.shape[1])
+                 for layer in self.update_targets(model)}
+        name, (rows, columns) = min(sizes.items(), key=lambda item: item[1][0] * item[1][1])
+        if self.num_sparse > rows * columns:
+            raise ValueError(
+                f"sparsity.num_sparse {self.num_sparse} is more than the {rows}x{columns} = {rows * columns} weights "
+                f"of {name}: set sparsity.num_sparse to at most {rows * columns}"
+            )
+        self._pruned_names(model)
+
     def choose_supports(self, model: nn.Module) -> Supports:
         """Ω for every matrix of every update target (a fused qkv layer holds three)."""
+        self.check_model(model)
         generator = torch.Generator().manual_seed(self.seed)
         supports = {}
         for layer in self.update_targets(model):
@@ -182,7 +197,7 @@ class DSEE(SparsityStrategy):
     def attach(self, model: nn.Module) -> list[SparseLayer]:
         if self.layers:
             return self.layers
-        self.check_rank(model)
+        self.check_model(model)
         self._update_names = {layer.name for layer in self.update_targets(model)}
         if self._supports is None:
             self._supports = self.choose_supports(model)

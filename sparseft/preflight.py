@@ -1,0 +1,48 @@
+"""What ``sparseft fit|validate|test|predict`` checks before Lightning starts the run.
+
+Lightning creates the run's log directory before it reads the data, and strategies attach in
+``setup``, after the data has been tokenized. A mistake found there leaves a run directory
+behind and costs the tokenization. So the command first checks, in this order, cheapest first:
+
+1. every strategy against the model (:meth:`SparsityStrategy.check_model`: targets that match
+   nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
+2. that ``--ckpt_path`` names an existing file;
+3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
+   (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
+   with its name and line before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, Trainer
+from torch import nn
+
+from sparseft.strategies.base import SparsityStrategy
+
+# values of --ckpt_path that Lightning resolves itself
+NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_path(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that is not a file."""
+    if ckpt_path is None or ckpt_path in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path}: no such file; give a checkpoint written by sparseft fit "
+            "(e.g. <default_root_dir>/lightning_logs/version_0/checkpoints/last.ckpt)"
+        )
+
+
+def check_before_run(
+    model: nn.Module, datamodule: LightningDataModule | None, trainer: Trainer, stage: str, ckpt_path: str | None
+) -> None:
+    """Run the checks of the module docstring; ``model`` is the LightningModule's backbone."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SparsityStrategy) and not callback.layers:
+            callback.check_model(model)
+    check_checkpoint_path(ckpt_path)
+    if datamodule is not None:
+        datamodule.setup(stage)
