@@ -1,8 +1,10 @@
 """SPDF at CPU scale: a small GPT-2 pre-trained from random weights on real English text (SQuAD
 contexts from ../shared/data) dense, 50% and 75% static-sparse for the same tokens, then each
-fine-tuned densely on E2E NLG (plus the 75% "sparse fine-tuning" ablation, mask kept).
+fine-tuned densely on E2E NLG (plus the 75% "sparse fine-tuning" ablation, mask kept, and with
+``--scratch`` the same fine-tuning from random weights). The run recorded in benchmarks/RESULTS.md:
 
-    python benchmarks/spdf_experiment.py --out benchmarks/results/spdf_experiment.json
+    python benchmarks/spdf_experiment.py --pretrain_steps 200 --finetune_steps 300 --e2e_eval 64 \\
+        --scratch --root /tmp/spdfexp --out benchmarks/results/spdf_experiment_cpu.json
 
 Reports per run: training FLOPs per token and in total (sparseft.sparse.flops' convention),
 held-out perplexity after pre-training, and E2E dev BLEU / ROUGE-L after fine-tuning.
