@@ -4,6 +4,7 @@ padding, metric states, malformed files, a tiny fit through the CLI."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -161,6 +162,17 @@ def test_examples_mask_the_prompt_and_pad_by_side(tiny_gpt2):
     assert pad_sequences([torch.tensor([1, 2]), torch.tensor([3])], 0, left=True).tolist() == [[1, 2], [0, 3]]
     with pytest.raises(ValueError, match="leaves no room for its reference within max_length 4"):
         E2EDataModule(tokenizer=str(tiny_gpt2), max_length=4).encode({"mr": mrs, "ref": refs})
+
+
+def test_references_cut_at_max_length_are_reported(tiny_gpt2, tmp_path):
+    (tmp_path / "trainset.csv").write_text(
+        'mr,ref\n"name[Aromi]",Aromi.\n"name[The Eagle]",The Eagle is a French restaurant near the river.\n')
+    data = E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=20)
+    with pytest.warns(UserWarning, match="1 of 2 training examples are longer than max_length 20"):
+        data._prepare("train", "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=64)._prepare("train", "train")
 
 
 def test_malformed_files_name_file_and_record(tmp_path):

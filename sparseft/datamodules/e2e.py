@@ -10,6 +10,7 @@ from typing import Any
 import datasets
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 
 from sparseft.datamodules.base import TextDataModule
@@ -124,10 +125,19 @@ class E2EDataModule(TextDataModule):
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         if split == "train":
-            return super()._prepare(name, split)
+            return self._warn_on_cut_references(super()._prepare(name, split))
         grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
         encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
+
+    def _warn_on_cut_references(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """Warn when training examples are cut at ``max_length``: a cut reference loses its EOS,
+        so the model sees texts that end without stopping and learns less about when to stop."""
+        cut = sum(labels[-1] != self.eos_id for labels in dataset.with_format(None)["labels"])
+        if cut:
+            rank_zero_warn(f"E2E: {cut} of {len(dataset)} training examples are longer than max_length "
+                           f"{self.max_length} and are cut, losing their EOS: raise data.max_length")
+        return dataset
 
     @property
     def eos_id(self) -> int:
