@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 
 from sparseft.backbone import Task, load_backbone
 from sparseft.callbacks import RandomState
-from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
+from sparseft.datamodules.base import class_predictions, classification_metric_inputs
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
@@ -175,9 +175,11 @@ class SparseFTModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The datamodule's ``predict_batch`` (spans, generations, ...); class ids without one."""
         batch = {key: value for key, value in batch.items() if key != "labels"}
-        return logits_to_predictions(self(**batch).logits)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return getattr(datamodule, "predict_batch", class_predictions)(self, batch)
 
     # ---- optimization --------------------------------------------------------------------
     def strategies(self) -> list[SparsityStrategy]:

@@ -79,7 +79,10 @@ class E2EDataModule(TextDataModule):
     separator, padded on the left) is completed by beam search, and the output, up to the
     first EOS, is scored against the references with BLEU, NIST, METEOR, ROUGE-L and CIDEr
     (see :mod:`sparseft.datamodules.e2e_metrics`). ``validation`` is the dev set; ``test``
-    the challenge test set with references.
+    the challenge test set with references. ``predict`` (on ``test``, or ``dev`` with
+    ``predict_split``) writes ``predictions.txt``: one output per distinct MR, in the order the
+    MRs first appear in the file, the challenge's system-output format; the generation settings
+    are validation's.
 
     ``data_dir`` holds the original ``trainset.csv``, ``devset.csv`` and
     ``testset_w_refs.csv``; without it the data comes from the hub (``tuetschek/e2e_nlg``).
@@ -95,6 +98,9 @@ class E2EDataModule(TextDataModule):
     """
 
     task_type = "causal-lm"
+    prediction_file = "predictions.txt"
+    predictions_per_rank = False  # one file, one line per MR in the test set's order
+    dev_metric = "bleu"
 
     def __init__(
         self,
@@ -181,7 +187,8 @@ class E2EDataModule(TextDataModule):
         return MetricCollection({"e2e": E2EMetric(self.with_meteor)})
 
     def generate(self, model: Any, batch: dict[str, Any]) -> list[str]:
-        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS."""
+        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS, with
+        whitespace runs (newlines too) collapsed to one space."""
         output = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=self.num_beams,
             length_penalty=self.length_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
@@ -189,7 +196,16 @@ class E2EDataModule(TextDataModule):
             pad_token_id=self.pad_id,
         )
         texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [" ".join(text.split()) for text in texts]  # one line each, as the challenge's output files
+
+    def predict_batch(self, module: LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        """Each MR's index and generated output."""
+        return batch["example_index"], self.generate(module.model, batch)
+
+    def write_predictions(self, predictions: list[Any], indices: list[int], path: Path) -> None:
+        """One output per line, in MR order."""
+        outputs = {int(index): text for rows, texts in predictions for index, text in zip(rows, texts)}
+        path.write_text("".join(f"{outputs[index]}\n" for index in sorted(outputs)), encoding="utf-8")
 
     def metric_inputs(self, outputs: Any, batch: dict[str, Any], module: LightningModule) -> tuple[Any, ...] | None:
         if "references" not in batch:
