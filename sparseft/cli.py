@@ -20,10 +20,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from sparseft import __version__
 from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
 from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
+from sparseft.cli_help import HELP_FLAGS, VERSION_FLAGS, usage
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
+from sparseft.console import console_callbacks
 from sparseft.datamodules.base import TextDataModule
 from sparseft.module import SparseFTModule
 from sparseft.sparse.adapters import extract_adapter, save_adapter
@@ -58,7 +61,8 @@ class SparseFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
-        and ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured."""
+        ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured, and the
+        console is quieter (:mod:`sparseft.console`)."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [c for c in callbacks if isinstance(c, Callback)]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -67,6 +71,7 @@ class SparseFTCLI(LightningCLI):
             callbacks.append(PredictionWriter())
         if self.subcommand == "fit":
             callbacks += resumable_fit(config, configured)
+        callbacks += console_callbacks(self.subcommand, config, configured)
         return self._instantiate_trainer(config, callbacks)
 
 
@@ -142,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
-    if command == "strategies":
+    if command in VERSION_FLAGS:
+        print(f"sparseft {__version__}")
+    elif command in ("", *HELP_FLAGS):
+        print(usage())
+    elif command == "strategies":
         print(list_strategies())
     elif command == "export":
         export_command(argv[1:])
