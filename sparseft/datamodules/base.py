@@ -1,13 +1,17 @@
 """``TextDataModule``: what every sparseft datamodule shares.
 
 Tokenizer handling (a name or path, linked from the model by the CLI and loaded lazily),
-hub-or-local loading per split, tokenization with ``datasets.map``, subsampling for quick
-runs, dynamic padding and the dataloaders. A task module implements:
+hub-or-local loading per split, tokenization (evaluation splits with ``datasets.map`` at
+setup, the training split batch by batch as the loader asks: :class:`EncodedOnDemand`),
+subsampling for quick runs, dynamic padding, the dataloaders, and ``predict``'s outputs. A task
+module implements:
 
 * :meth:`load_split` — the raw ``datasets.Dataset`` of a split (hub or local files);
 * :meth:`encode` — tokenized features (a batched ``map`` function);
-* :meth:`build_metrics` — the task's official metrics;
-* ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI.
+* :meth:`build_metrics` — the task's official metrics, and ``dev_metric`` — the one to monitor;
+* ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI;
+* for another output format than a TSV of labels: :meth:`predict_batch`, :meth:`write_predictions`
+  and ``prediction_file``.
 """
 
 from __future__ import annotations
