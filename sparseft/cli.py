@@ -3,7 +3,9 @@
 * ``sparseft fit|validate|test|predict``: LightningCLI with the strategy under ``sparsity:``;
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
-* ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
+* ``sparseft predict``: writes the task's submission format (GLUE TSV, SQuAD JSON, E2E text) to
+  the run directory (the datamodule's ``write_predictions``; ``--data.predict_split dev|test``).
+* ``sparseft``, ``sparseft --help``: every command, one line each (:mod:`sparseft.cli_help`).
 * ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory;
   ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`).
 * ``sparseft strategies``: every registered strategy with its one-line description.

@@ -29,9 +29,13 @@ def test_help_lists_every_command_on_one_line(argv, capsys):
         assert len(line.split()) > 2, f"{command} has a one-line description"
 
 
-def test_version_and_python_dash_m(capsys):
+def test_version(capsys):
     main(["--version"])
     assert capsys.readouterr().out.strip() == f"sparseft {__version__}"
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and Lightning: 10-20 s here
+def test_python_dash_m_is_the_command():
     result = subprocess.run([sys.executable, "-m", "sparseft", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"sparseft {__version__}"
 
