@@ -11,37 +11,45 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
+from sparseft.datamodules.base import write_label_tsv
+
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``sparseft predict`` outputs as a TSV: ``index`` and ``prediction`` per example.
+    """Write ``sparseft predict`` outputs in the datamodule's format into the run directory.
 
-    Class ids become label names when the datamodule has ``label_names`` (GLUE's test-set
-    submission format); regression values are written as numbers. With several processes each
-    rank writes its own file, ``<stem>-rank<r>.tsv``, with the dataset indices it saw.
+    The datamodule formats them (``write_predictions``): GLUE a TSV of index and label name,
+    SQuAD ``{question id: answer}`` JSON, E2E one output per MR and line; without a datamodule
+    that can, a TSV of index and class id. The run directory is the trainer's ``log_dir`` (the
+    logger's version folder, else ``default_root_dir``); the path written is printed. With
+    several processes each rank writes its own file, ``<stem>-rank<r><suffix>``, with the rows
+    it saw (where the format allows it; see ``predictions_per_rank``).
 
     Args:
-        output_file: where to write; relative paths are under the trainer's ``default_root_dir``.
+        output_file: file name or path; relative paths are under the run directory. None: the
+            datamodule's ``prediction_file`` (``predictions.tsv`` without one).
     """
 
-    def __init__(self, output_file: str = "predictions.tsv") -> None:
+    def __init__(self, output_file: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output_file = output_file
+        self.path: Path | None = None  # the file written last
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        path = Path(trainer.default_root_dir) / self.output_file
+        datamodule = trainer.datamodule
+        name = self.output_file or getattr(datamodule, "prediction_file", "predictions.tsv")
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
-        names = getattr(trainer.datamodule, "label_names", None)
-        rows = ["index\tprediction"]
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
-        values = torch.cat([p.flatten() for p in predictions]).tolist() if predictions else []
-        for index, value in zip(indices or range(len(values)), values):
-            label = names[int(value)] if names and not isinstance(value, float) else value
-            rows.append(f"{index}\t{label}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(rows) + "\n")
+        if hasattr(datamodule, "write_predictions"):
+            datamodule.write_predictions(predictions or [], indices, path)
+        else:
+            write_label_tsv(predictions or [], indices, path, None)
+        self.path = path
+        print(f"predictions written to {path}")
 
 
 class RandomState(Callback):

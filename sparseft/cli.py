@@ -3,7 +3,9 @@
 * ``sparseft fit|validate|test|predict``: LightningCLI with the strategy under ``sparsity:``;
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
-* ``sparseft predict``: writes ``predictions.tsv`` (index, label) to the run directory.
+* ``sparseft predict``: writes the task's submission format (GLUE TSV, SQuAD JSON, E2E text) to
+  the run directory (the datamodule's ``write_predictions``; ``--data.predict_split dev|test``).
+* ``sparseft``, ``sparseft --help``: every command, one line each (:mod:`sparseft.cli_help`).
 * ``validate`` / ``test`` / ``predict`` need ``--ckpt_path``, or ``--backbone_weights true`` for a
   backbone that is itself fine-tuned (:mod:`sparseft.cli_checks`); ``--ckpt_path`` fills in only the
   model options the user left unset (:mod:`sparseft.resume`).
@@ -27,6 +29,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from sparseft import __version__
 from sparseft.backbone import load_tokenizer
 from sparseft.callbacks import PredictionWriter
 from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
@@ -36,7 +39,9 @@ from sparseft.cli_checks import (
     check_evaluated_weights,
     check_trainer_strategy,
 )
+from sparseft.cli_help import HELP_FLAGS, VERSION_FLAGS, usage
 from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
+from sparseft.console import console_callbacks
 from sparseft.datamodules.base import TextDataModule
 from sparseft.errors import one_line_user_errors
 from sparseft.module import SparseFTModule
@@ -51,7 +56,7 @@ from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies
 from sparseft.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 
-EXTRA_COMMANDS = ("export", "strategies", "targets")
+EXTRA_COMMANDS = ("export", "strategies", "targets", "report")
 STRATEGY_OPTIONS = ("--sparsity", "--sparsity.class_path", "--sparsity.help")
 
 
@@ -112,7 +117,8 @@ class SparseFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
-        and ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured."""
+        ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured, and the
+        console is quieter (:mod:`sparseft.console`)."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [c for c in callbacks if isinstance(c, Callback)]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -121,6 +127,7 @@ class SparseFTCLI(LightningCLI):
             callbacks.append(PredictionWriter())
         if self.subcommand == "fit":
             callbacks += resumable_fit(config, configured)
+        callbacks += console_callbacks(self.subcommand, config, configured)
         return self._instantiate_trainer(config, callbacks)
 
 
@@ -209,7 +216,11 @@ def run_command(argv: list[str] | None = None) -> None:
     argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
-    if command == "strategies":
+    if command in VERSION_FLAGS:
+        print(f"sparseft {__version__}")
+    elif command in ("", *HELP_FLAGS):
+        print(usage())
+    elif command == "strategies":
         print(list_strategies())
     elif command == "export":
         export_command(argv[1:])

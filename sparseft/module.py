@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from sparseft.backbone import Task, load_backbone
 from sparseft.callbacks import RandomState
 from sparseft.checkpoint_checks import read_checkpoint, state_mismatch
-from sparseft.datamodules.base import classification_metric_inputs, logits_to_predictions
+from sparseft.datamodules.base import class_predictions, classification_metric_inputs
 from sparseft.distillation import distillation_loss
 from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
 from sparseft.resume import check_strategy_settings
@@ -183,7 +183,8 @@ class SparseFTModule(LightningModule):
 
     def _record_dev_metric(self, values: dict[str, float]) -> None:
         checkpoint = self.trainer.checkpoint_callback
-        name = choose_dev_metric(values, getattr(checkpoint, "monitor", None))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        name = choose_dev_metric(values, getattr(checkpoint, "monitor", None), getattr(datamodule, "monitor", None))
         self.dev_metric = {"name": name, "value": values[name], "step": self.trainer.global_step}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -198,9 +199,11 @@ class SparseFTModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The datamodule's ``predict_batch`` (spans, generations, ...); class ids without one."""
         batch = {key: value for key, value in batch.items() if key != "labels"}
-        return logits_to_predictions(self(**batch).logits)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return getattr(datamodule, "predict_batch", class_predictions)(self, batch)
 
     # ---- optimization --------------------------------------------------------------------
     def strategies(self) -> list[SparsityStrategy]:

@@ -16,16 +16,15 @@ import torch
 RUN_KEY = "sparseft_run"
 
 
-def choose_dev_metric(values: dict[str, float], monitor: str | None = None) -> str | None:
+def choose_dev_metric(values: dict[str, float], *preferred: str | None) -> str | None:
     """The run's dev metric among the validation ``values`` (``val/...`` keys, in the datamodule's order).
 
-    The metric a checkpoint callback monitors when it is one of them; otherwise the first, which is
-    the task's official (first listed) metric on its first dev set: GLUE's Matthews correlation for
-    CoLA, F1 for MRPC and QQP, Pearson for STS-B, accuracy elsewhere.
+    The first of ``preferred`` that is among them — the metric a checkpoint callback monitors, then
+    the datamodule's ``monitor`` (the task's official metric on its first dev set: GLUE's Matthews
+    correlation for CoLA, F1 for MRPC and QQP, Pearson for STS-B, accuracy elsewhere; SQuAD's F1;
+    E2E's BLEU) — otherwise the first value.
     """
-    if monitor and monitor in values:
-        return monitor
-    return next(iter(values), None)
+    return next((name for name in preferred if name and name in values), next(iter(values), None))
 
 
 def describe_data(datamodule: Any) -> dict[str, Any]:

@@ -102,7 +102,6 @@ class Case:
 
 CASES: dict[str, Case] = {
     # ---- the command line itself: parse errors ----
-    "no command": Case(lambda p: [], ("subcommand", "fit")),
     "unknown command": Case(lambda p: ["fitt"], ("fitt", "invalid choice")),
     "unknown option": Case(lambda p: fit_args(p, "--trainer.nope=1"), ("--trainer.nope",)),
     "not an int": Case(lambda p: fit_args(p, "--trainer.max_steps=abc"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 
+from sparseft.checkpointing import fit_checkpoint_callbacks
 from sparseft.cli import SparseFTCLI
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -26,6 +28,25 @@ def test_config_parses(path):
     assert config.data.class_path.startswith("sparseft.datamodules.")
     if config.get("sparsity") is not None:
         assert 0.0 <= (config.sparsity.init_args.get("sparsity") or 0.0) < 1.0  # S²FT: None, ratios instead
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_keeps_the_best_dev_checkpoint_and_the_last(path):
+    config = ParseOnlyCLI(run=False, args=["--config", str(path)]).config
+    module, _, name = config.data.class_path.rpartition(".")
+    data = getattr(importlib.import_module(module), name)(**config.data.init_args)
+    checkpoints = [c.init_args for c in config.trainer.callbacks or [] if c.class_path.endswith(".ModelCheckpoint")]
+    assert len(checkpoints) == 1, "one ModelCheckpoint"
+    (checkpoint,) = checkpoints
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k) == (data.monitor, data.dev_metric_mode, 1)
+    assert checkpoint.save_last
+
+
+def test_last_checkpoint_is_kept_beside_a_monitored_one():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(monitor="val/accuracy", mode="max", save_top_k=1)
+    assert fit_checkpoint_callbacks([best]) == [] and best.save_last and best.save_on_exception
 
 
 def test_quickstart_instantiates_offline(tmp_path):

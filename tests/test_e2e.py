@@ -168,11 +168,13 @@ def test_references_cut_at_max_length_are_reported(tiny_gpt2, tmp_path):
     (tmp_path / "trainset.csv").write_text(
         'mr,ref\n"name[Aromi]",Aromi.\n"name[The Eagle]",The Eagle is a French restaurant near the river.\n')
     data = E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=20)
-    with pytest.warns(UserWarning, match="1 of 2 training examples are longer than max_length 20"):
-        data._prepare("train", "train")
+    with pytest.warns(UserWarning, match="1 of 2 training examples in a batch are longer than max_length 20"):
+        data._prepare("train", "train").__getitems__([0, 1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=64)._prepare("train", "train")
+        data._prepare("train", "train").__getitems__([0, 1])  # said once
+        E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=64)._prepare(
+            "train", "train").__getitems__([0, 1])
 
 
 def test_malformed_files_name_file_and_record(tmp_path):

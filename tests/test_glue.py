@@ -191,7 +191,7 @@ def test_dataloader_batches_and_deterministic_subsample(tiny_bert_dir):
         batch = next(iter(data.val_dataloader()))
         assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 32
         assert batch["labels"].dtype == torch.int64 and "token_type_ids" in batch
-        return data.datasets["train"]["input_ids"][0]
+        return data.datasets["train"][0]["input_ids"]
 
     assert torch.equal(first_ids(1), first_ids(1))
     assert not torch.equal(first_ids(1), first_ids(2))
@@ -336,7 +336,7 @@ def test_training_subset_and_order_depend_on_the_seed_only(tiny_bert_dir, sst2_d
         data = sst2_data(tiny_bert_dir, sst2_dir, batch_size=8, max_train_samples=24, seed=seed)
         data.setup("fit")
         torch.manual_seed(global_seed)  # as if model and strategy setup drew random numbers
-        return data.datasets["train"]["input_ids"][0].tolist(), next(iter(data.train_dataloader()))["input_ids"]
+        return data.datasets["train"][0]["input_ids"].tolist(), next(iter(data.train_dataloader()))["input_ids"]
 
     (subset, batch), (same_subset, same_batch) = first_batch(1, 0), first_batch(1, 123)
     assert subset == same_subset and torch.equal(batch, same_batch)

@@ -132,8 +132,8 @@ def test_an_exported_model_predicts_with_backbone_weights_as_its_checkpoint_does
     run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path / "ckpt", f"--ckpt_path={fitted}"))
     run_command(run_args("predict", exported, sst2_dir, tmp_path / "export", "--sparsity=null",
                          "--backbone_weights=true"))
-    from_checkpoint = (tmp_path / "ckpt" / "predictions.tsv").read_text()
-    assert from_checkpoint == (tmp_path / "export" / "predictions.tsv").read_text()
+    from_checkpoint = next((tmp_path / "ckpt").rglob("predictions.tsv")).read_text()  # in the run directory
+    assert from_checkpoint == next((tmp_path / "export").rglob("predictions.tsv")).read_text()
     assert len(from_checkpoint.splitlines()) == len(SENTENCES) + 1
 
 

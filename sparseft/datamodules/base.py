@@ -1,23 +1,28 @@
 """``TextDataModule``: what every sparseft datamodule shares.
 
 Tokenizer handling (a name or path, linked from the model by the CLI and loaded lazily),
-hub-or-local loading per split, tokenization with ``datasets.map``, subsampling for quick
-runs, dynamic padding and the dataloaders. A task module implements:
+hub-or-local loading per split, tokenization (evaluation splits with ``datasets.map`` at
+setup, the training split batch by batch as the loader asks: :class:`EncodedOnDemand`),
+subsampling for quick runs, dynamic padding, the dataloaders, and ``predict``'s outputs. A task
+module implements:
 
 * :meth:`load_split` — the raw ``datasets.Dataset`` of a split (hub or local files);
 * :meth:`encode` — tokenized features (a batched ``map`` function);
-* :meth:`build_metrics` — the task's official metrics;
-* ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI.
+* :meth:`build_metrics` — the task's official metrics, and ``dev_metric`` — the one to monitor;
+* ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI;
+* for another output format than a TSV of labels: :meth:`predict_batch`, :meth:`write_predictions`
+  and ``prediction_file``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import datasets
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -37,6 +42,48 @@ def classification_metric_inputs(
     if "labels" not in batch:
         return None
     return logits_to_predictions(outputs.logits), batch["labels"]
+
+
+def class_predictions(module: LightningModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``predict`` outputs of a classification / regression batch: class ids or values."""
+    return logits_to_predictions(module(**batch).logits)
+
+
+def write_label_tsv(
+    predictions: list[torch.Tensor], indices: list[int], path: Path, label_names: list[str] | None
+) -> None:
+    """GLUE's submission format: a header, then ``index`` and the label name (or the regression
+    value) per example; ``indices`` are the dataset rows (0, 1, ... when empty)."""
+    values = torch.cat([p.flatten() for p in predictions]).tolist() if predictions else []
+    rows = ["index\tprediction"]
+    for index, value in zip(indices or range(len(values)), values):
+        rows.append(f"{index}\t{label_names[int(value)] if label_names and not isinstance(value, float) else value}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+class EncodedOnDemand(Dataset):
+    """Raw rows, tokenized by ``encode`` when a batch asks for them (one feature per row).
+
+    The training split is read whole but tokenized lazily, so a short run tokenizes only the
+    batches it trains on. Row ``i`` is the same feature an eager ``datasets.map(encode)`` would
+    give at ``i``, so the sampler's indices, and hence the batches, are unchanged.
+    """
+
+    def __init__(self, raw: datasets.Dataset, encode: Any) -> None:
+        self.raw, self.encode = raw, encode
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Rows ``indices`` tokenized in one call (the DataLoader fetches a batch this way)."""
+        features = self.encode(self.raw[list(indices)])
+        if any(len(values) != len(indices) for values in features.values()):
+            raise ValueError(f"{type(self).__name__} needs one feature per row; tokenize this dataset eagerly")
+        return [{key: torch.tensor(values[row]) for key, values in features.items()} for row in range(len(indices))]
 
 
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
@@ -61,9 +108,21 @@ class TextDataModule(LightningDataModule):
             (whatever random numbers their setup draws) and for every global seed. Epoch ``e``
             is shuffled with ``seed + e``; a checkpoint records the position in the epoch, so
             ``--ckpt_path`` resumes at the next batch (:mod:`sparseft.datamodules.order`).
+        predict_split: what ``sparseft predict`` runs on: ``test`` (the task's test set) or
+            ``dev`` (the first validation set, labelled: to score the written predictions
+            elsewhere). None: ``test`` where the task has a test set, else ``dev``.
     """
 
     task_type: ClassVar[str] = "sequence-classification"
+    #: the dataset name ``predict_split: test`` loads; None where the task has no test set to predict
+    test_split: ClassVar[str | None] = "test"
+    #: the file ``sparseft predict`` writes in the run directory (:meth:`write_predictions`)
+    prediction_file: ClassVar[str] = "predictions.tsv"
+    #: whether each process of a multi-process predict can write its own file of the rows it saw
+    predictions_per_rank: ClassVar[bool] = True
+    #: the task's dev metric (a key of :meth:`build_metrics`' results) and whether higher is better
+    dev_metric: ClassVar[str] = "accuracy"
+    dev_metric_mode: ClassVar[Literal["max", "min"]] = "max"
 
     def __init__(
         self,
@@ -76,6 +135,7 @@ class TextDataModule(LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 42,
+        predict_split: Literal["test", "dev"] | None = None,
     ) -> None:
         super().__init__()
         if max_length < 1:
@@ -93,8 +153,9 @@ class TextDataModule(LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.seed = seed
+        self.predict_split = predict_split
         self.training_order = TrainingOrder(seed)
-        self.datasets: dict[str, datasets.Dataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     # ---- what a task implements ------------------------------------------------------------
     @property
@@ -105,6 +166,12 @@ class TextDataModule(LightningDataModule):
     def val_names(self) -> list[str]:
         """Names of the validation sets, one dataloader each."""
         return ["validation"]
+
+    @property
+    def monitor(self) -> str:
+        """The dev metric as the module logs it (on the first dev set), for ``ModelCheckpoint(monitor=...)``."""
+        names = self.val_names
+        return ("val/" if len(names) == 1 else f"val/{names[0]}/") + self.dev_metric
 
     def split_names(self, split: str) -> list[str]:
         """Dataset names behind a logical split (``validation`` may be several sets)."""
@@ -129,6 +196,24 @@ class TextDataModule(LightningDataModule):
         ``labels``.
         """
         return classification_metric_inputs(outputs, batch, module)
+
+    def predict_batch(self, module: LightningModule, batch: dict[str, Any]) -> Any:
+        """``predict`` outputs of one batch (labels removed); :meth:`write_predictions` gets them all."""
+        return class_predictions(module, batch)
+
+    def write_predictions(self, predictions: list[Any], indices: list[int], path: Path) -> None:
+        """Write every batch's :meth:`predict_batch` output to ``path`` (``indices``: the dataset rows)."""
+        write_label_tsv(predictions, indices, path, getattr(self, "label_names", None))
+
+    @property
+    def predict_source(self) -> str:
+        """The dataset ``predict`` runs on: ``predict_split`` resolved to a split name."""
+        split = self.predict_split or ("test" if self.test_split else "dev")
+        if split == "dev":
+            return self.val_names[0]
+        if self.test_split is None:
+            raise ValueError(f"{type(self).__name__} has no test set to predict: set data.predict_split dev")
+        return self.test_split
 
     # ---- shared machinery ------------------------------------------------------------------
     @property
@@ -158,10 +243,12 @@ class TextDataModule(LightningDataModule):
             return dataset.select(range(self.max_eval_samples))
         return dataset
 
-    def _prepare(self, name: str, split: str) -> datasets.Dataset:
+    def _prepare(self, name: str, split: str) -> Dataset:
         raw = self._subsample(self.load_split(name), split)
         if len(raw) == 0:  # torch's sampler would fail later with no word of which data
             raise ValueError(f"{type(self).__name__}: {name!r} has no examples; check data.data_dir and its files")
+        if split == "train":
+            return EncodedOnDemand(raw, self.encode)
         encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
         return encoded.with_format("torch")
 
@@ -176,10 +263,14 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.check_room()
+        if stage == "predict" and not self.predictions_per_rank and self.trainer and self.trainer.world_size > 1:
+            raise ValueError(f"{type(self).__name__}: predict in one process (--trainer.devices 1); its outputs "
+                             "need every example's features together")
         for split in STAGE_SPLITS.get(stage, ()):
             for name in self.split_names(split):
                 if name not in self.datasets:
-                    self.datasets[name] = self._prepare(name, split)
+                    source = self.predict_source if split == "predict" else name
+                    self.datasets[name] = self._prepare(source, split)
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = DataCollatorWithPadding(self.tokenizer)(features)

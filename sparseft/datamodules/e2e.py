@@ -82,7 +82,10 @@ class E2EDataModule(TextDataModule):
     separator, padded on the left) is completed by beam search, and the output, up to the
     first EOS, is scored against the references with BLEU, NIST, METEOR, ROUGE-L and CIDEr
     (see :mod:`sparseft.datamodules.e2e_metrics`). ``validation`` is the dev set; ``test``
-    the challenge test set with references.
+    the challenge test set with references. ``predict`` (on ``test``, or ``dev`` with
+    ``predict_split``) writes ``predictions.txt``: one output per distinct MR, in the order the
+    MRs first appear in the file, the challenge's system-output format; the generation settings
+    are validation's.
 
     ``data_dir`` holds the original ``trainset.csv``, ``devset.csv`` and
     ``testset_w_refs.csv``; without it the data comes from the hub (``tuetschek/e2e_nlg``).
@@ -98,6 +101,9 @@ class E2EDataModule(TextDataModule):
     """
 
     task_type = "causal-lm"
+    prediction_file = "predictions.txt"
+    predictions_per_rank = False  # one file, one line per MR in the test set's order
+    dev_metric = "bleu"
 
     def __init__(
         self,
@@ -125,19 +131,10 @@ class E2EDataModule(TextDataModule):
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         if split == "train":
-            return self._warn_on_cut_references(super()._prepare(name, split))
+            return super()._prepare(name, split)  # tokenized lazily, batch by batch (encode)
         grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
         encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
-
-    def _warn_on_cut_references(self, dataset: datasets.Dataset) -> datasets.Dataset:
-        """Warn when training examples are cut at ``max_length``: a cut reference loses its EOS,
-        so the model sees texts that end without stopping and learns less about when to stop."""
-        cut = sum(labels[-1] != self.eos_id for labels in dataset.with_format(None)["labels"])
-        if cut:
-            rank_zero_warn(f"E2E: {cut} of {len(dataset)} training examples are longer than max_length "
-                           f"{self.max_length} and are cut, losing their EOS: raise data.max_length")
-        return dataset
 
     @property
     def eos_id(self) -> int:
@@ -163,12 +160,23 @@ class E2EDataModule(TextDataModule):
     def encode(self, examples: dict[str, list]) -> dict[str, list]:
         """Prompt + reference tokens; labels only on the reference and its EOS."""
         targets = self.tokenizer([" " + ref for ref in examples["ref"]], add_special_tokens=False)["input_ids"]
-        input_ids, labels = [], []
+        input_ids, labels, cut = [], [], 0
         for prompt, target in zip(self._prompts(examples["mr"]), targets):
             target = target + [self.eos_id]
+            cut += len(prompt) + len(target) > self.max_length
             input_ids.append((prompt + target)[: self.max_length])
             labels.append(([-100] * len(prompt) + target)[: self.max_length])
+        self._warn_on_cut_references(cut, len(labels))
         return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+
+    def _warn_on_cut_references(self, cut: int, examples: int) -> None:
+        """Warn (once) when training examples are cut at ``max_length``: a cut reference loses its EOS,
+        so the model sees texts that end without stopping and learns less about when to stop. Checked
+        as batches are tokenized (training rows are tokenized lazily), so it names the first batch's count."""
+        if cut and not getattr(self, "_cut_warned", False):
+            self._cut_warned = True
+            rank_zero_warn(f"E2E: {cut} of {examples} training examples in a batch are longer than max_length "
+                           f"{self.max_length} and are cut, losing their EOS: raise data.max_length")
 
     def encode_eval(self, examples: dict[str, list], indices: list[int]) -> dict[str, list]:
         """Prompts of the distinct MRs, with their index (the references stay as a column)."""
@@ -193,7 +201,8 @@ class E2EDataModule(TextDataModule):
         return MetricCollection({"e2e": E2EMetric(self.with_meteor)})
 
     def generate(self, model: Any, batch: dict[str, Any]) -> list[str]:
-        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS."""
+        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS, with
+        whitespace runs (newlines too) collapsed to one space."""
         output = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=self.num_beams,
             length_penalty=self.length_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
@@ -201,7 +210,16 @@ class E2EDataModule(TextDataModule):
             pad_token_id=self.pad_id,
         )
         texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [" ".join(text.split()) for text in texts]  # one line each, as the challenge's output files
+
+    def predict_batch(self, module: LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        """Each MR's index and generated output."""
+        return batch["example_index"], self.generate(module.model, batch)
+
+    def write_predictions(self, predictions: list[Any], indices: list[int], path: Path) -> None:
+        """One output per line, in MR order."""
+        outputs = {int(index): text for rows, texts in predictions for index, text in zip(rows, texts)}
+        path.write_text("".join(f"{outputs[index]}\n" for index in sorted(outputs)), encoding="utf-8")
 
     def metric_inputs(self, outputs: Any, batch: dict[str, Any], module: LightningModule) -> tuple[Any, ...] | None:
         if "references" not in batch:

@@ -41,7 +41,9 @@ class GLUEDataModule(TextDataModule):
     file is read only when its stage needs it, so ``validate`` works with ``dev.tsv`` alone.
 
     ``test`` evaluates on the dev sets, since GLUE's test labels are hidden; ``predict``
-    runs on the unlabelled test file (for a leaderboard submission; MNLI: the matched one).
+    runs on the unlabelled test file (for a leaderboard submission; MNLI: the matched one), or
+    with ``predict_split: dev`` on the first dev set, and writes ``predictions.tsv`` (index and
+    label name, GLUE's submission format; STS-B: the score).
     MNLI validates and tests on the matched and mismatched dev sets, as two dataloaders
     named by :attr:`val_names`.
 
@@ -58,6 +60,8 @@ class GLUEDataModule(TextDataModule):
             task's original TSVs; sentence pairs are truncated jointly to ``max_length``).
     """
 
+    test_split = "predict"  # load_split's name of the unlabelled test set
+
     def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.task: GlueTask = get_task(task)
@@ -69,6 +73,11 @@ class GLUEDataModule(TextDataModule):
     @property
     def val_names(self) -> list[str]:
         return list(self.task.validation)
+
+    @property
+    def dev_metric(self) -> str:
+        """The task's first official metric (MRPC / QQP: F1, STS-B: Pearson, CoLA: Matthews)."""
+        return self.task.metrics[0]
 
     @property
     def label_names(self) -> list[str] | None:

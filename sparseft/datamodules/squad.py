@@ -75,6 +75,10 @@ class SquadDataModule(TextDataModule):
     answers "" when the no-answer score wins by more than ``null_threshold``, and scores EM/F1
     exactly as the official scripts.
 
+    ``predict`` runs on the evaluation file and writes ``predictions.json``, ``{question id:
+    answer text}``, the input of the official ``evaluate-v1.1.py`` / ``evaluate-v2.0.py``
+    (v2.0: "" for no answer), with the same post-processing as validation.
+
     ``data_dir`` holds the official files (``train-v1.1.json``, ``dev-v1.1.json`` or the v2.0
     names); ``train_file`` / ``eval_file`` name other files in the same format. Without either,
     the data comes from the hub (``rajpurkar/squad`` / ``rajpurkar/squad_v2``).
@@ -91,6 +95,10 @@ class SquadDataModule(TextDataModule):
     """
 
     task_type = "question-answering"
+    test_split = None  # SQuAD's test sets are hidden: predict runs on the dev file
+    prediction_file = "predictions.json"
+    predictions_per_rank = False  # a question's windows may land on different processes
+    dev_metric = "f1"
 
     def __init__(
         self,
@@ -188,12 +196,26 @@ class SquadDataModule(TextDataModule):
             spans.append(FeatureSpan(windows["overflow_to_sample_mapping"][i], context_offsets))
         return {**_model_features(windows), "feature_index": list(range(len(spans))), "spans": spans}
 
-    def build_metrics(self) -> MetricCollection:
-        metric = SquadMetric(
+    def _metric(self) -> SquadMetric:
+        return SquadMetric(
             self.eval_features, self.eval_examples, self.version_2, self.n_best, self.max_answer_length,
             self.null_threshold, self.max_length,
         )
-        return MetricCollection({"squad": metric})
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({"squad": self._metric()})
+
+    def predict_batch(self, module: LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Start and end logits of each feature, with its index (post-processed in :meth:`write_predictions`)."""
+        outputs = module(**batch)
+        return batch["feature_index"], outputs.start_logits, outputs.end_logits
+
+    def write_predictions(self, predictions: list[Any], indices: list[int], path: Path) -> None:
+        """``{question id: answer}`` JSON: the spans validation scores, by :class:`SquadMetric`."""
+        metric = self._metric()
+        for batch_outputs in predictions:
+            metric.update(*batch_outputs)
+        path.write_text(json.dumps(metric.predictions(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     def metric_inputs(
         self, outputs: Any, batch: dict[str, torch.Tensor], module: LightningModule

@@ -156,6 +156,7 @@ class RawTextDataModule(TextDataModule):
     """
 
     task_type = "causal-lm"
+    dev_metric, dev_metric_mode = "perplexity", "min"
 
     def __init__(
         self,
@@ -222,6 +223,12 @@ class RawTextDataModule(TextDataModule):
     def _hub_text(self, split: str) -> list[str]:
         loaded = datasets.load_dataset(self.dataset, self.dataset_config, split=split)
         return [text for text in loaded[self.text_column] if text and text.strip()]
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            raise ValueError(f"{type(self).__name__}: pre-training text has nothing to predict; sparseft validate "
+                             "reports its loss and perplexity")
+        super().setup(stage)
 
     # ---- tokens and cache ------------------------------------------------------------------
     def _cache_key(self, name: str) -> str:
