@@ -27,7 +27,7 @@ SCHEDULE = "{kind: cubic, initial_warmup: 0.1, final_warmup: 0.3, update_every: 
 
 def run_spec(method: str, pattern: str, sparsity: float) -> str:
     """A ``compare.py`` run spec; ``pattern: layer`` is every strategy's default and is left out."""
-    pattern_arg = "" if pattern == "layer" else f",pattern={pattern}"
+    pattern_arg = "" if pattern == "layer" else f",pattern='{pattern}'"  # quoted: YAML reads 2:4 as 124
     return f"{method}:sparsity={sparsity}{pattern_arg},schedule={SCHEDULE}"
 
 

@@ -44,6 +44,8 @@ class MaskPattern:
 
     @classmethod
     def parse(cls, text: str) -> MaskPattern:
+        if not isinstance(text, str):  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
+            raise ValueError(f"mask pattern must be a string such as '2:4', got {text!r}: quote it in YAML")
         if text in ("layer", "global"):
             return cls(text)
         match = _NM.match(text)
