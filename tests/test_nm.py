@@ -83,6 +83,15 @@ def test_group_topk_keeps_the_highest_scores_of_every_group():
         group_topk_mask(scores, 0, 4)
 
 
+@pytest.mark.parametrize("kept", [1, 2, 3])
+def test_group_topk_equals_a_stable_descending_sort_of_every_group_ties_included(kept):
+    torch.manual_seed(0)
+    for scores in (torch.randn(16, 32), torch.randint(0, 3, (16, 32)).float(), torch.zeros(4, 8)):
+        order = torch.sort(scores.view(-1, 8, 4), dim=-1, descending=True, stable=True).indices
+        expected = torch.zeros(scores.view(-1, 8, 4).shape, dtype=torch.bool).scatter_(-1, order[..., :kept], True)
+        assert torch.equal(group_topk_mask(scores, kept, 4), expected.view_as(scores))
+
+
 def test_prune_at_an_intermediate_sparsity_keeps_that_many_per_group():
     layers = sparsify(nn.Sequential(nn.Linear(8, 3)), ["0"])
     prune_(layers, [torch.rand(3, 8)], 0.3, "2:4")

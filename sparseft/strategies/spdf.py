@@ -34,8 +34,9 @@ class SPDF(SparsityStrategy):
 
     ``phase: sparse``: at setup every target matrix gets a fixed unstructured mask with exactly
     ``round(s · numel)`` entries pruned (uniform per layer; q, k and v of a fused projection
-    counted separately; with ``pattern: "2:4"``, 2 of every 4 consecutive inputs), chosen from uniform random scores seeded by ``(seed, parameter name)``
-    (identical on every rank, in every run, whatever the module order) or by ``|W0|``. Then
+    counted separately; with ``pattern: "2:4"``, 2 of every 4 consecutive inputs), chosen from
+    uniform random scores seeded by ``(seed, parameter name)`` (identical on every rank, in every
+    run, whatever the module order) or by ``|W0|``. Then
 
         W_eff = M ⊙ W0,    W0 ← M ⊙ W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0,    m, v ← M ⊙ m, M ⊙ v
 
