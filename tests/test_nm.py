@@ -160,6 +160,9 @@ def test_widths_not_divisible_by_m_are_refused_at_attach_naming_the_layer():
     with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.output\.dense \(66 inputs\)"):
         strategy.attach(model)
     assert sparse_layers(model) == []  # refused before any layer was parametrized
+    layers = sparsify(model, ["ffn_out"])  # the plain API names the layer too
+    with pytest.raises(ValueError, match=r"layer\.1\.output\.dense \(66 inputs\)"):
+        prune_(layers, [torch.rand(layer.layer.shape) for layer in layers], 0.5, "2:4")
 
 
 def test_patterns_a_strategy_cannot_follow_are_refused():

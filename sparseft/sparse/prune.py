@@ -121,6 +121,7 @@ def prune_(
     """
     check_sparsity(sparsity)
     parsed = MaskPattern.parse(pattern)
+    parsed.check_fits([layer.layer for layer in layers])
     if parsed.scope == "global":
         masks = global_topk_masks(scores, sparsity, rule)
     else:
