@@ -53,7 +53,8 @@ class SparsityStrategy(Callback):
         schedule: how sparsity grows over training (default: cubic, dense for the first 10% of
             steps, final sparsity for the last 30%).
         pattern: ``layer`` (exact top-k per layer), ``global`` (one top-k over all targets) or
-            ``N:M`` such as ``2:4`` (needs a one_shot or constant schedule).
+            ``N:M`` such as ``2:4`` (``sparsity`` must be ``1 − N/M``; on a ramp every group of M
+            keeps M, then fewer, then N weights: :func:`~sparseft.sparse.masks.nm_kept_per_group`).
         log_layers: also log every target layer's sparsity (``sparsity/layer/<name>``).
     """
 
@@ -106,7 +107,8 @@ class SparsityStrategy(Callback):
                 "the ramp would un-prune weights during the run; set initial_sparsity <= sparsity"
             )
         self.pattern = pattern
-        self._check_pattern(MaskPattern.parse(pattern))
+        self.mask_pattern = MaskPattern.parse(pattern)
+        self._check_pattern(self.mask_pattern)
         self.log_layers = log_layers
         self.layers: list[SparseLayer] = []
         self.applied_sparsity = 0.0
@@ -120,8 +122,6 @@ class SparsityStrategy(Callback):
     def _check_pattern(self, pattern: MaskPattern) -> None:
         if pattern.scope != "nm":
             return
-        if self.schedule.kind not in ("one_shot", "constant"):
-            raise ValueError(f"pattern {self.pattern!r} has a fixed sparsity: use a one_shot or constant schedule")
         if abs(pattern.nm_sparsity - self.final_sparsity) > 1e-9:
             raise ValueError(f"pattern {self.pattern!r} means sparsity {pattern.nm_sparsity}; set sparsity to it")
 
@@ -171,7 +171,7 @@ class SparsityStrategy(Callback):
         Raises:
             ValueError: naming the option, the layer and the fix.
         """
-        pattern = MaskPattern.parse(self.pattern)
+        pattern = self.mask_pattern
         for layer in select_targets(model, self.targets):
             if pattern.scope == "nm" and layer.shape[1] % pattern.m:
                 raise ValueError(
@@ -259,8 +259,8 @@ class SparsityStrategy(Callback):
         now, or, with ``masks_from_forward_scores``, by the step's forward."""
         if not self.needs_update(sparsity):
             return
-        if self.masks_from_forward_scores and self.pattern == "layer":
-            prune_on_next_forward_(self.layers, sparsity, self.pruned_count_rule)
+        if self.masks_from_forward_scores and self.mask_pattern.scope != "global":
+            prune_on_next_forward_(self.layers, sparsity, self.pruned_count_rule, self.pattern)
             self.applied_sparsity = sparsity
             self._masks_pending = True
         else:

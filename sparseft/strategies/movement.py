@@ -60,7 +60,9 @@ class Movement(SparsityStrategy):
         targets: role names or whole-name regular expressions (default: all block linears).
         schedule: the cubic schedule of the paper (default: the reference's, dense for one LR
             warm-up, final for the last two; give ``warmup_unit: fraction`` for fractions of training).
-        pattern: hard variant: ``layer`` (the paper's default) or ``global``.
+        pattern: hard variant: ``layer`` (the paper's default), ``global``, or ``N:M`` such as
+            ``2:4`` with ``sparsity`` ``1 − N/M``: every group of M inputs keeps its top scores,
+            M then fewer then N as the schedule rises (docs/strategies/movement.md).
         global_topk_every: with ``pattern: global``, steps between threshold recomputations.
         final_threshold: soft variant: final τ on σ(S) (paper: 0.1).
         final_lambda: soft variant: final weight of the score penalty (paper sweeps 1 to 2300).
@@ -77,7 +79,7 @@ class Movement(SparsityStrategy):
         variant: Literal["hard", "soft"] = "hard",
         targets: TargetSpec = None,
         schedule: SparsitySchedule | None = None,
-        pattern: Literal["layer", "global"] = "layer",
+        pattern: str = "layer",
         global_topk_every: int = 25,
         final_threshold: float = 0.1,
         final_lambda: float = 0.0,
@@ -90,8 +92,11 @@ class Movement(SparsityStrategy):
         super().__init__(sparsity, targets, schedule or movement_schedule(), pattern, log_layers)
         if variant not in ("hard", "soft"):
             raise ValueError(f"unknown movement variant {variant!r}; use hard or soft")
-        if pattern not in ("layer", "global"):
-            raise ValueError(f"movement pruning supports pattern layer or global, got {pattern!r}")
+        if variant == "soft" and self.mask_pattern.scope == "nm":
+            raise ValueError(
+                f"soft movement pruning keeps whatever σ(S) > τ keeps, so it cannot follow pattern {pattern!r}: "
+                "use variant hard with it"
+            )
         if variant == "soft" and not 0.0 < final_threshold < 1.0:
             raise ValueError(f"final_threshold is a threshold on sigmoid(S) in (0, 1), got {final_threshold}")
         self.variant = variant

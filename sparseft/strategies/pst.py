@@ -62,6 +62,9 @@ class PST(SparsityStrategy):
         alpha2: ``α2``, weight of ``R`` and ``C`` in the score.
         train_head: also train the task head (the official code does not).
         learning_rate: learning rate of the PST factors; None uses the model's.
+        pattern: ``layer`` (the paper's per-matrix top-k) or ``N:M`` such as ``2:4`` with
+            ``sparsity`` ``1 − N/M``: every group of M inputs keeps its top scores, M then fewer
+            then N as the schedule rises (docs/strategies/pst.md).
         log_layers: log every target layer's sparsity.
     """
 
@@ -82,9 +85,12 @@ class PST(SparsityStrategy):
         alpha2: float = 1.0,
         train_head: bool = True,
         learning_rate: float | None = None,
+        pattern: str = "layer",
         log_layers: bool = True,
     ) -> None:
-        super().__init__(sparsity, targets, schedule, "layer", log_layers)
+        super().__init__(sparsity, targets, schedule, pattern, log_layers)
+        if self.mask_pattern.scope == "global":
+            raise ValueError("PST ranks every matrix on its own: use pattern 'layer' or an N:M pattern such as '2:4'")
         self.weight_rank, self.mask_rank = weight_rank, mask_rank
         self.beta, self.alpha1, self.alpha2 = beta, alpha1, alpha2
         self.train_head = train_head

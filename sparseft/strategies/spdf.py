@@ -34,8 +34,9 @@ class SPDF(SparsityStrategy):
 
     ``phase: sparse``: at setup every target matrix gets a fixed unstructured mask with exactly
     ``round(s · numel)`` entries pruned (uniform per layer; q, k and v of a fused projection
-    counted separately), chosen from uniform random scores seeded by ``(seed, parameter name)``
-    (identical on every rank, in every run, whatever the module order) or by ``|W0|``. Then
+    counted separately; with ``pattern: "2:4"``, 2 of every 4 consecutive inputs), chosen from
+    uniform random scores seeded by ``(seed, parameter name)`` (identical on every rank, in every
+    run, whatever the module order) or by ``|W0|``. Then
 
         W_eff = M ⊙ W0,    W0 ← M ⊙ W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0,    m, v ← M ⊙ m, M ⊙ v
 
@@ -71,6 +72,9 @@ class SPDF(SparsityStrategy):
         checkpoint: a sparse-phase sparseft checkpoint whose weights ``M ⊙ W0`` the run starts from.
         context_length: tokens each position attends to in the FLOP count (default: the
             datamodule's ``block_size`` / ``max_length``, else the model's maximum positions).
+        pattern: ``layer`` (exact count per matrix) or ``N:M`` such as ``2:4`` with ``sparsity``
+            ``1 − N/M``: the static mask keeps the N highest-scoring (random or ``|W0|``) of every
+            M consecutive inputs, the layout of 2:4 sparse tensor cores.
         log_layers: log every target layer's sparsity.
     """
 
@@ -84,9 +88,12 @@ class SPDF(SparsityStrategy):
         dense_from_step: int | None = None,
         checkpoint: str | None = None,
         context_length: int | None = None,
+        pattern: str = "layer",
         log_layers: bool = True,
     ) -> None:
-        super().__init__(sparsity, targets, SparsitySchedule(kind="constant"), "layer", log_layers)
+        super().__init__(sparsity, targets, SparsitySchedule(kind="constant"), pattern, log_layers)
+        if self.mask_pattern.scope == "global":
+            raise ValueError("SPDF's masks are uniform per matrix: use pattern 'layer' or an N:M pattern such as '2:4'")
         if phase not in ("sparse", "dense"):
             raise ValueError(f"SPDF phase must be 'sparse' or 'dense', got {phase!r}")
         if init not in ("random", "magnitude"):
