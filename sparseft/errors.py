@@ -13,8 +13,9 @@ with ``raise ... from``. So the chain of explicit causes is searched from the ou
 the first link that is a user error is reported:
 
 * a ``ValueError`` raised by sparseft's own code: its checks name the option and the fix;
-* a missing or unreadable path (``FileNotFoundError``, ``NotADirectoryError``,
-  ``IsADirectoryError``, ``PermissionError``), from any code: the message names the path;
+* a missing, unreadable or already existing path (``FileNotFoundError``, ``FileExistsError``,
+  ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), from any code: the message
+  names the path;
 * a command-line or configuration parse error (``argparse.ArgumentError`` from jsonargparse),
   condensed from its nested report to the option and the problem;
 * Lightning's ``MisconfigurationException``: Trainer options that cannot work together.
@@ -38,7 +39,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 DEBUG_ENV = "SPARSEFT_DEBUG"
 USAGE_ERROR_STATUS = 2
-PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # jsonargparse's wrapper of an error raised while instantiating a class given as "class_path"

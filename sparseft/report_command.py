@@ -22,10 +22,13 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sparseft.module import SparseFTModule
 from sparseft.plots import heatmap_layers, mask_heatmap, save_png, short_names, sparsity_bar_chart
 from sparseft.run_summary import read_training_summary
+from sparseft.sparse.compressed_modeling import WEIGHTS_FILE as COMPRESSED_WEIGHTS_FILE
+from sparseft.sparse.compressed_modeling import decode_state_dict, read_metadata
 from sparseft.sparse.export import REPORT_FILE
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.parametrize import sparse_layers
@@ -90,6 +93,9 @@ def export_layers(directory: Path) -> tuple[list[LayerWeights], dict[str, Any]]:
     entries = [layer for layer in report["layers"] if layer.get("target", True)]
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):
+        if file.name == COMPRESSED_WEIGHTS_FILE:  # --format compressed: bitmask + non-zero values
+            tensors.update(decode_state_dict(load_file(file), read_metadata(str(file))))
+            continue
         with safe_open(str(file), framework="pt") as handle:
             wanted = {f"{layer['name']}.weight" for layer in entries} & set(handle.keys())
             tensors.update({key: handle.get_tensor(key) for key in wanted})

@@ -153,6 +153,12 @@ def test_report_prints_the_table_and_writes_the_figures(fitted, capsys):
     assert table_rows(capsys.readouterr().out) == rows  # the export measures what the checkpoint held
     assert len(list((exported.parent / "figures").glob("*.png"))) == 4
 
+    compressed = exported.parent / "compressed"
+    run_command(["export", f"--ckpt_path={checkpoint}", f"--output_dir={compressed}", "--format=compressed"])
+    capsys.readouterr()
+    run_command(["report", str(compressed), f"--output_dir={exported.parent / 'figures-compressed'}"])
+    assert table_rows(capsys.readouterr().out) == rows  # bitmask + values decode to the same weights
+
 
 def test_report_never_overwrites_silently(fitted, tmp_path):
     _, checkpoint, _ = fitted
