@@ -100,13 +100,13 @@ def trainer(steps: int, strategy: SPDF) -> Trainer:
 
 
 def pretrain(args, sparsity: float, corpus: Path, tokenizer: Path, root: Path) -> dict:
-    seed_everything(0)
+    seed_everything(args.seed)
     data = RawTextDataModule(train_files=[str(corpus)], block_size=args.block, batch_size=args.batch,
                              tokenizer=str(tokenizer), cache_dir=str(root / "cache"))
     module = SparseFTModule(config=model_config(args), tokenizer=str(tokenizer), task="causal-lm",
                             learning_rate=args.lr, weight_decay=0.1, adam_betas=(0.9, 0.95), warmup_ratio=0.1,
                             lr_schedule="cosine", min_lr_ratio=0.1)
-    strategy = SPDF(sparsity=sparsity)
+    strategy = SPDF(sparsity=sparsity, seed=args.seed)
     run, start = trainer(args.pretrain_steps, strategy), time.perf_counter()
     run.fit(module, data)
     seconds = time.perf_counter() - start
@@ -123,7 +123,7 @@ def pretrain(args, sparsity: float, corpus: Path, tokenizer: Path, root: Path) -
 def finetune(args, ckpt: str | None, tokenizer: Path, phase: str, sparsity: float) -> dict:
     """Fine-tune on E2E from a pre-training checkpoint (None: from random weights), then score
     greedy (or ``--beams``) outputs for the first ``--e2e_eval`` distinct dev MRs."""
-    seed_everything(42)
+    seed_everything(42 + args.seed)
     data = E2EDataModule(data_dir=str(SHARED / "e2e"), tokenizer=str(tokenizer), max_length=args.block,
                          batch_size=args.batch, max_train_samples=args.e2e_train, max_eval_samples=args.e2e_eval,
                          num_beams=args.beams, max_new_tokens=args.max_new_tokens, with_meteor=False)
@@ -163,6 +163,8 @@ def main() -> None:
                           ("batch", 16), ("pretrain_steps", 300), ("finetune_steps", 300), ("e2e_train", 4800),
                           ("e2e_eval", 64), ("beams", 1), ("max_new_tokens", 64), ("threads", 1)]:
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the sparse "
+                        "masks (fine-tuning uses 42 + seed); data splits and batch order do not change")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--ft_lr", type=float, default=1e-3)
     parser.add_argument("--corpus", choices=["squad", "mixed"], default="squad",
