@@ -157,25 +157,31 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`run_one` reads (task, data, backbone, training length and settings), shared by
+    every script that trains through it; ``--one`` runs one spec in this process (internal)."""
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--backbone", default=BACKBONE)
-    parser.add_argument("--runs", nargs="+", default=["dense", "magnitude:sparsity=0.9"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--runs", nargs="+", default=["dense", "magnitude:sparsity=0.9"])
+    parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--export_dir", type=Path, default=None,
                         help="export every trained model to a folder here (for benchmarks/latency.py)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the whole list this many times, interleaved; report medians and ratio ranges")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args, args.one)))

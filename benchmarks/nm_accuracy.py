@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from compare import BACKBONE, format_table, rerun_this_script, run_one
+from compare import add_run_arguments, format_table, rerun_this_script, run_one
 
 #: The quickstart's schedule (configs/quickstart.yaml): dense for 10% of the steps, the cubic
 #: ramp, the final sparsity for the last 30%, masks moved every 10 steps.
@@ -33,20 +32,10 @@ def run_spec(method: str, pattern: str, sparsity: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--backbone", default=BACKBONE)
+    add_run_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=["magnitude", "movement", "pst"])
     parser.add_argument("--patterns", nargs="+", default=["2:4", "layer"])
     parser.add_argument("--sparsity", type=float, default=0.5, help="must be 1 - N/M for the N:M patterns")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
     args = parser.parse_args()
     args.max_eval_samples, args.export_dir = None, None  # the full dev set; no export
     if args.one:
