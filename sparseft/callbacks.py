@@ -34,14 +34,27 @@ class PredictionWriter(BasePredictionWriter):
         self.output_file = output_file
         self.path: Path | None = None  # the file written last
 
+    def target(self, trainer: Trainer) -> Path:
+        """The file this process writes to."""
+        name = self.output_file or getattr(trainer.datamodule, "prediction_file", "predictions.tsv")
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse, before predicting, to overwrite an earlier run's file (a run without a logger writes
+        into ``default_root_dir`` itself, so two predicts there would share the file name)."""
+        path = self.target(trainer)
+        if path.exists():
+            raise ValueError(f"predictions file {path} exists: move it, or give --trainer.default_root_dir a new "
+                             "directory (or keep the default logger, which writes each run into a new version_N)")
+
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         datamodule = trainer.datamodule
-        name = self.output_file or getattr(datamodule, "prediction_file", "predictions.tsv")
-        path = Path(trainer.log_dir or trainer.default_root_dir) / name
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        path = self.target(trainer)
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
         path.parent.mkdir(parents=True, exist_ok=True)
         if hasattr(datamodule, "write_predictions"):

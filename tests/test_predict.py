@@ -94,9 +94,26 @@ def test_e2e_writes_one_output_per_mr_in_file_order_and_scores_as_validate(tiny_
             "--data.max_new_tokens=8", "--data.with_meteor=false", "--trainer.logger=false"]
     run, metrics = fit_then(args, tmp_path / "run")
 
-    outputs = predict(run, capsys, "--data.predict_split=dev").read_text().splitlines()
+    dev_file = predict(run, capsys, "--data.predict_split=dev")
+    outputs = dev_file.read_text().splitlines()
+    dev_file.rename(dev_file.with_name("dev-predictions.txt"))  # no logger: the next predict would refuse its name
     references = group_references(read_e2e_csv(shared_data("e2e", "devset.csv")))["references"][:6]
     assert len(outputs) == 6
     assert e2e_scores(outputs, references, with_meteor=False)["bleu"] == pytest.approx(metrics["val/bleu"], abs=1e-4)
     test = predict(run, capsys).read_text()  # the default: the challenge's test set
     assert test.count("\n") == 6  # one line per MR, empty where the tiny model ends at once
+
+
+def test_a_predictions_file_from_an_earlier_run_is_never_overwritten(tmp_path):
+    from types import SimpleNamespace
+
+    from sparseft.callbacks import PredictionWriter
+
+    trainer = SimpleNamespace(log_dir=None, default_root_dir=str(tmp_path), world_size=1, global_rank=0,
+                              datamodule=SimpleNamespace(prediction_file="predictions.json"))
+    writer = PredictionWriter()
+    writer.on_predict_start(trainer, None)  # nothing there yet: allowed
+    (tmp_path / "predictions.json").write_text("{}")
+    with pytest.raises(ValueError, match="predictions.json exists: move it"):
+        writer.on_predict_start(trainer, None)
+    assert (tmp_path / "predictions.json").read_text() == "{}"
