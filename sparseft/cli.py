@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -172,9 +173,13 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--format", choices=WEIGHT_FORMATS, default="dense",
                         help="weights as a plain model.safetensors (dense) or as bitmask + non-zero values per sparse "
                              "tensor (compressed: load with trust_remote_code=True or sparseft.load_compressed)")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace a non-empty --output_dir")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace a non-empty --output_dir (and an existing --adapter_path)")
     args = parser.parse_args(argv)
     check_export_target(args.output_dir, args.overwrite, keep=[args.ckpt_path])  # before loading anything
+    if args.adapter_path and Path(args.adapter_path).exists() and not args.overwrite:
+        raise FileExistsError(f"adapter_path {args.adapter_path} exists: name a new file, or pass --overwrite to "
+                              "replace it")
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
     adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer

@@ -194,6 +194,9 @@ CASES: dict[str, Case] = {
     "export: not a checkpoint": Case(lambda p: export(p, file_with(p, "junk.ckpt", b"\x00junk" * 64)),
                                      ("--ckpt_path", "not a readable PyTorch checkpoint")),
     "export: no output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}"], ("output_dir", "export")),
+    "export: existing adapter file": Case(lambda p: [*export(p, p.checkpoint),
+                                                     f"--adapter_path={p.model / 'config.json'}"],
+                                          ("adapter_path", "exists", "--overwrite")),
     "export: non-empty output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}", f"--output_dir={p.model}"],
                                          ("output_dir", "not empty", "--overwrite")),
 }
