@@ -92,9 +92,9 @@ def _split_top_level(text: str) -> list[str]:
 def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     """Train and evaluate one run in this process; returns its measurements."""
     from sparseft.datamodules import GLUEDataModule
-    from sparseft.module import SparseFTModule
-    from sparseft.sparse.report import count_parameters
+    from sparseft.sparse.measure import count_parameters
     from sparseft.strategies import build_strategy
+    from sparseft.training.module import SparseFTModule
 
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
@@ -138,8 +138,8 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
 
 def export_run(module: Any, backbone: str, path: Path, shrink: bool) -> dict[str, Any]:
     """Export the trained model (merged; pruned heads and channels removed) for latency.py."""
-    from sparseft.backbone import load_tokenizer
-    from sparseft.sparse.export import export_pretrained
+    from sparseft.backbones.loading import load_tokenizer
+    from sparseft.export.pretrained import export_pretrained
 
     report = export_pretrained(module.model, path, load_tokenizer(backbone), shrink=shrink, overwrite=True)
     kept = ("total_parameters", "linear_flops_per_token", "load_with")

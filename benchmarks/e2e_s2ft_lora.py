@@ -50,9 +50,9 @@ class LossRecorder(Callback):
 def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     """Train (unless zero-shot) and test one arm in this process; returns its measurements."""
     from sparseft.datamodules import E2EDataModule
-    from sparseft.module import SparseFTModule
-    from sparseft.sparse.report import count_parameters
+    from sparseft.sparse.measure import count_parameters
     from sparseft.strategies import build_strategy
+    from sparseft.training.module import SparseFTModule
 
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)

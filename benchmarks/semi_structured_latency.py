@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from sparseft.backbone import resolve_model_path
+from sparseft.backbones.loading import resolve_model_path
+from sparseft.export.semi_structured import require_gpu, to_semi_structured
 from sparseft.sparse.parametrize import merge_
 from sparseft.sparse.prune import prune_, sparsify
-from sparseft.sparse.semi_structured import require_gpu, to_semi_structured
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,7 +1,7 @@
 """CPU latency of physically shrunk models (heads / FFN channels removed) against their FLOP ratio.
 
 DSEE's structured results remove whole attention heads and FFN channels at export
-(:func:`sparseft.sparse.shrink.shrink_`). Latency depends on the shapes left, not on which
+(:func:`sparseft.export.shrink.shrink_`). Latency depends on the shapes left, not on which
 units go, so this takes the real model, removes in every block the heads (key/value groups)
 and FFN channels with the smallest weight magnitude (DSEE's head score on ``W_q``, ``W_v``
 and the channel score of :func:`sparseft.sparse.structured.channel_scores`), shrinks it, and
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from sparseft.backbone import load_backbone
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.shrink import shrink_
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.masks import keep_highest, pruned_count
-from sparseft.sparse.report import count_parameters, linear_flops_per_token
-from sparseft.sparse.shrink import shrink_
+from sparseft.sparse.measure import count_parameters, linear_flops_per_token
 from sparseft.sparse.structured import (
     HeadLayout,
     channel_masks,

@@ -28,8 +28,8 @@ from transformers import PreTrainedTokenizerFast
 
 from sparseft.datamodules import E2EDataModule, RawTextDataModule
 from sparseft.datamodules.e2e import read_e2e_csv
-from sparseft.module import SparseFTModule
 from sparseft.strategies import SPDF
+from sparseft.training.module import SparseFTModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 EOS = "<|endoftext|>"

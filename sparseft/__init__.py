@@ -1,12 +1,13 @@
 """sparseft: sparse fine-tuning of pre-trained language models with PyTorch Lightning.
 
 The public API: the module, the strategy base and registry, the built-in strategies, the
-datamodules, and the plain-PyTorch entry points of :mod:`sparseft.sparse`.
+datamodules, the plain-PyTorch entry points of :mod:`sparseft.sparse` and the exports of
+:mod:`sparseft.export`.
 """
 
 from sparseft.datamodules import E2EDataModule, GLUEDataModule, RawTextDataModule, SquadDataModule, TextDataModule
-from sparseft.module import SparseFTModule
-from sparseft.sparse import export_pretrained, prune_, sparsify
+from sparseft.export import export_pretrained, load_compressed, to_semi_structured
+from sparseft.sparse import prune_, sparsify
 from sparseft.strategies import (
     DSEE,
     PST,
@@ -19,16 +20,13 @@ from sparseft.strategies import (
     get_strategy,
     register_strategy,
 )
+from sparseft.training import SparseFTModule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement",
     "RawTextDataModule", "SparseFTModule", "SparsityStrategy", "SquadDataModule", "TextDataModule",
-    "available_strategies", "export_pretrained", "get_strategy", "prune_", "register_strategy", "sparsify",
+    "available_strategies", "export_pretrained", "get_strategy", "load_compressed", "prune_", "register_strategy",
+    "sparsify", "to_semi_structured",
 ]
-
-from sparseft.sparse.compressed import load_compressed  # noqa: E402  (kept apart from the list above)
-from sparseft.sparse.semi_structured import to_semi_structured  # noqa: E402
-
-__all__ += ["load_compressed", "to_semi_structured"]

@@ -1,6 +1,6 @@
 """``python -m sparseft``: the ``sparseft`` command."""
 
-from sparseft.cli import main
+from sparseft.cli.command import main
 
 if __name__ == "__main__":
     main()

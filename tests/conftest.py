@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sparseft import gguf
-from sparseft.backbone import locate_gguf
+from sparseft.backbones import gguf
+from sparseft.backbones.loading import locate_gguf
 from sparseft.testing import make_tiny_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """The bad-input catalogue: every mistake a user can make on the ``sparseft`` command line is
 answered with one line on stderr (what is wrong, which option, how to fix it), exit status 2,
-no traceback, and nothing written or lost (:mod:`sparseft.errors`, :mod:`sparseft.preflight`).
+no traceback, and nothing written or lost (:mod:`sparseft.cli.errors`, :mod:`sparseft.cli.preflight`).
 
 Each case runs the real entry point in-process on a tiny random BERT and tiny TSV files.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseft.backbone import load_backbone
-from sparseft.cli import main
+from sparseft.backbones.loading import load_backbone
+from sparseft.cli.command import main
+from sparseft.cli.errors import DEBUG_ENV, USAGE_ERROR_STATUS, condense_parse_error, user_error_message
 from sparseft.datamodules.e2e import read_e2e_csv
 from sparseft.datamodules.text import read_documents
-from sparseft.errors import DEBUG_ENV, USAGE_ERROR_STATUS, condense_parse_error, user_error_message
 from sparseft.sparse.masks import check_sparsity
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.schedules import SparsitySchedule
@@ -327,7 +327,7 @@ def test_nested_parse_error_becomes_the_full_option_name():
 def test_the_console_command_prints_nothing_but_the_line(tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-m", "sparseft.cli", "fit", "--trainer.max_steps=abc",
+        [sys.executable, "-m", "sparseft", "fit", "--trainer.max_steps=abc",
          f"--trainer.default_root_dir={tmp_path}"],
         capture_output=True, text=True, cwd=root, env={**os.environ, DEBUG_ENV: "", "PYTHONPATH": str(root)},
     )

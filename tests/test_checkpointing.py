@@ -16,8 +16,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sparseft.checkpointing import SideBySideCheckpointIO, fit_checkpoint_callbacks, with_checkpoint_io
-from sparseft.cli import main
+from sparseft.cli.command import main
+from sparseft.training.checkpointing import SideBySideCheckpointIO, fit_checkpoint_callbacks, with_checkpoint_io
 from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
 
 
@@ -58,7 +58,7 @@ def test_checkpoints_are_staged_next_to_the_target_not_in_the_temp_dir(tmp_path,
 
 def fit_command(model_dir: Path, data_dir: Path, root: Path, *extra: str) -> list[str]:
     args = [a for a in fit_args(model_dir, data_dir, root) if "max_steps" not in a]
-    return [sys.executable, "-m", "sparseft.cli", *args, "--trainer.max_steps=16", *extra]
+    return [sys.executable, "-m", "sparseft", *args, "--trainer.max_steps=16", *extra]
 
 
 def final_state(root: Path) -> dict[str, torch.Tensor]:

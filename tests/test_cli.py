@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from sparseft.backbone import load_tokenizer
-from sparseft.cli import main
-from sparseft.module import SparseFTModule
+from sparseft.backbones.loading import load_tokenizer
+from sparseft.cli.command import main
 from sparseft.sparse.masks import pruned_count
+from sparseft.training.module import SparseFTModule
 
 SENTENCES = [
     ("the movie was a delight from start to finish", 1),
@@ -162,7 +162,7 @@ def test_ddp_two_processes_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_pat
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "sparseft.cli", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sparseft", *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     digests = [(root / f"masks-rank{rank}.txt").read_text() for rank in (0, 1)]

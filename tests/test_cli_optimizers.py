@@ -14,11 +14,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from sparseft.cli import SparseFTCLI, expand_strategy_names, main
-from sparseft.module import SparseFTModule
-from sparseft.optim import lr_factor
+from sparseft.cli.command import SparseFTCLI, expand_strategy_names, main
 from sparseft.strategies import DSEE
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
+from sparseft.training.optim import lr_factor
 from tests import test_cli
 from tests.test_cli import fit_args, last_checkpoint
 from tests.test_dsee import OptimizerTrace

@@ -9,11 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from sparseft.backbone import load_backbone
-from sparseft.cli import run_command
-from sparseft.module import SparseFTModule
-from sparseft.sparse.compressed import REMOTE_CODE_FILE, check_weight_format, load_compressed
-from sparseft.sparse.compressed_modeling import (
+from sparseft.backbones.loading import load_backbone
+from sparseft.cli.command import run_command
+from sparseft.export.compressed import REMOTE_CODE_FILE, check_weight_format, load_compressed
+from sparseft.export.compressed_modeling import (
     SHAPES_KEY,
     WEIGHTS_FILE,
     decode_state_dict,
@@ -21,9 +20,10 @@ from sparseft.sparse.compressed_modeling import (
     pack_bitmask,
     unpack_bitmask,
 )
-from sparseft.sparse.export import export_pretrained
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.prune import prune_, sparsify
 from sparseft.testing import tiny_config
+from sparseft.training.module import SparseFTModule
 
 TASKS = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
 AUTO = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}

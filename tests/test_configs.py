@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sparseft.checkpointing import fit_checkpoint_callbacks
-from sparseft.cli import SparseFTCLI
+from sparseft.cli.command import SparseFTCLI
+from sparseft.training.checkpointing import fit_checkpoint_callbacks
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

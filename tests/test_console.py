@@ -12,9 +12,9 @@ import pytest
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from sparseft import __version__
-from sparseft.cli import main
-from sparseft.cli_help import COMMANDS
-from sparseft.console import StepProgressBar, quiet_console
+from sparseft.cli.command import main
+from sparseft.cli.console import StepProgressBar, quiet_console
+from sparseft.cli.help import COMMANDS
 
 EVERY_COMMAND = ("fit", "validate", "test", "predict", "export", "strategies", "targets", "report")
 
@@ -63,7 +63,7 @@ def test_tips_and_noise_warnings_are_dropped_real_warnings_kept():
 
 @pytest.mark.skipif(StepProgressBar is None, reason="rich is not installed: Lightning's TQDM bar is used")
 def test_a_max_steps_run_shows_steps_out_of_max_steps(tiny_bert_dir, tmp_path):
-    from sparseft.cli import SparseFTCLI
+    from sparseft.cli.command import SparseFTCLI
 
     folder = tmp_path / "sst2"
     folder.mkdir()

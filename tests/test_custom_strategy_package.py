@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from sparseft.cli import main
+from sparseft.cli.command import main
 from sparseft.strategies import available_strategies, registry
 from sparseft.strategies.registry import sparseft_strategies
 from sparseft.testing import tiny_config
@@ -58,7 +58,7 @@ def test_tutorial_scores_live_on_the_masks_device(from_source):
     """The meta device stands in for CUDA: a CPU tensor times a mask elsewhere fails the same way."""
     from sparseft_random_pruning import RandomPruning
 
-    from sparseft.module import SparseFTModule
+    from sparseft.training.module import SparseFTModule
 
     strategy = RandomPruning(sparsity=0.5)
     model = SparseFTModule(config=tiny_config("bert"), num_labels=2).model

@@ -5,9 +5,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from sparseft.distillation import distillation_loss, soft_target_loss
-from sparseft.module import SparseFTModule
 from sparseft.testing import SyntheticClassificationData
+from sparseft.training.distillation import distillation_loss, soft_target_loss
+from sparseft.training.module import SparseFTModule
 
 
 def test_soft_target_loss_by_hand():

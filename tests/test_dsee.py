@@ -8,16 +8,16 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from sparseft.backbone import load_backbone
-from sparseft.module import SparseFTModule
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.deltas import LowRank, RowBlocks, ScaledSum, SparseResidual
-from sparseft.sparse.export import export_pretrained
 from sparseft.sparse.masks import global_topk_masks, pruned_count
-from sparseft.sparse.report import count_parameters
+from sparseft.sparse.measure import count_parameters
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.structured import HeadLayout, head_scores
 from sparseft.strategies import DSEE
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 W0 = torch.tensor([[1.0, -2.0, 3.0], [4.0, 0.5, -6.0]])
 B = torch.tensor([[1.0], [-1.0]])       # out x r, zero-initialised in training

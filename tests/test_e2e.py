@@ -194,7 +194,7 @@ def test_malformed_files_name_file_and_record(tmp_path):
 
 @pytest.mark.integration
 def test_tiny_fit_through_the_cli_with_a_strategy(tiny_gpt2, tmp_path):
-    from sparseft.cli import SparseFTCLI, expand_strategy_names
+    from sparseft.cli.command import SparseFTCLI, expand_strategy_names
 
     args = [
         "fit", f"--model.backbone={tiny_gpt2}", "--model.learning_rate=1e-3",

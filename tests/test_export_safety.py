@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from sparseft.backbone import load_backbone
-from sparseft.cli import run_command
+from sparseft.backbones.loading import load_backbone
+from sparseft.cli.command import run_command
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse import sparsify
-from sparseft.sparse.export import export_pretrained
 from sparseft.testing import tiny_config
 
 

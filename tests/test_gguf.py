@@ -17,8 +17,8 @@ import pytest
 import torch
 import transformers
 
-from sparseft import gguf
-from sparseft.backbone import load_backbone, load_tokenizer, locate_gguf, resolve_model_path
+from sparseft.backbones import gguf
+from sparseft.backbones.loading import load_backbone, load_tokenizer, locate_gguf, resolve_model_path
 from sparseft.sparse.layers import find_linear_layers, head_size
 from sparseft.sparse.structured import HeadLayout
 from sparseft.sparse.targets import select_targets

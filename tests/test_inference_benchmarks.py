@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseft.backbone import load_backbone
-from sparseft.sparse.export import export_pretrained
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.pretrained import export_pretrained
 from sparseft.testing import tiny_config
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"

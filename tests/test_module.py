@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch import Trainer
 
-from sparseft.module import SparseFTModule
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 
 def test_lr_warmup_is_step_over_warmup_then_linear_decay_as_transformers(tmp_path):

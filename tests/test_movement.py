@@ -7,11 +7,11 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from sparseft.module import SparseFTModule
 from sparseft.sparse.masks import threshold_mask
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.strategies import Movement
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 W = torch.tensor([[1.0, -2.0, 3.0], [4.0, 5.0, -6.0]])
 X = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]])

@@ -8,7 +8,6 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from sparseft.module import SparseFTModule
 from sparseft.sparse.masks import group_topk_mask, nm_kept_per_group, nm_mask
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.prune import prune_, sparsify
@@ -16,6 +15,7 @@ from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.targets import select_targets
 from sparseft.strategies import PST, SPDF, Magnitude, Movement, build_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 RAMP = dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3)
 GRADUAL = {

@@ -17,13 +17,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from transformers import pipeline
 
-from sparseft.backbone import load_backbone
-from sparseft.cli import run_command
-from sparseft.module import SparseFTModule
-from sparseft.report_command import measured_pattern
-from sparseft.sparse.export import export_pretrained
+from sparseft.backbones.loading import load_backbone
+from sparseft.cli.command import run_command
+from sparseft.cli.report import measured_pattern
+from sparseft.export.pretrained import export_pretrained
 from sparseft.strategies import get_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 from tests.test_cli import fit_args, last_checkpoint, sst2_dir  # noqa: F401  (fixture)
 
 

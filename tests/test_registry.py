@@ -64,7 +64,7 @@ def test_describe_and_rebuild_round_trip():
 def test_export_and_resume_rebuild_a_strategy_that_was_never_registered(tmp_path, capsys):
     import json
 
-    from sparseft.cli import run_command
+    from sparseft.cli.command import run_command
     from sparseft.sparse.schedules import SparsitySchedule
     from sparseft.testing.conformance import check_resume, fit
 

@@ -17,10 +17,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sparseft.datamodules.order import EpochShuffleSampler, TrainingOrder
-from sparseft.module import SparseFTModule
 from sparseft.strategies import SparsityStrategy
 from sparseft.strategies.registry import sparseft_strategies
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 from tests.test_conformance import make_strategy
 
 STEPS = 14  # 5 batches an epoch: three epochs, the checkpoint in the second

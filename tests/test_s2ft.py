@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparseft.backbone import build_config, load_backbone
-from sparseft.sparse.adapters import apply_adapter_, extract_adapter, load_adapter, remove_adapter_, save_adapter
-from sparseft.sparse.export import export_pretrained
+from sparseft.backbones.loading import build_config, load_backbone
+from sparseft.export.adapters import apply_adapter_, extract_adapter, load_adapter, remove_adapter_, save_adapter
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.selection import allocate, unit_count, unit_groups, unit_scores
 from sparseft.sparse.slices import SliceLinear, restore_linear_
 from sparseft.strategies import S2FT
@@ -275,8 +275,8 @@ def test_export_gives_plain_index_aligned_weights_with_identical_logits(tmp_path
 def fit_bert(s2ft: S2FT, root, steps: int, ckpt_path=None, callbacks=(), **trainer_kwargs):
     from lightning.pytorch import Trainer
 
-    from sparseft.module import SparseFTModule
     from sparseft.testing import SyntheticClassificationData
+    from sparseft.training.module import SparseFTModule
 
     torch.manual_seed(0)
     config = tiny_config("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -348,7 +348,7 @@ def test_ddp_two_processes_train_the_same_slices_identically(tmp_path):
 def test_export_command_writes_the_adapter_that_the_merged_model_holds(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from sparseft.cli import export_command
+    from sparseft.cli.command import export_command
 
     fit_bert(S2FT(sparsity=0.75, allocation="layer"), tmp_path / "run", 3)
     (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")

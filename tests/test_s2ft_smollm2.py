@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparseft.backbone import load_backbone
+from sparseft.backbones.loading import load_backbone
 from sparseft.strategies import S2FT
 
 pytestmark = pytest.mark.slow

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparseft.backbone import load_backbone
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.semi_structured import is_two_four, to_semi_structured
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.parametrize import merge_
 from sparseft.sparse.prune import prune_, sparsify
-from sparseft.sparse.semi_structured import is_two_four, to_semi_structured
 from sparseft.testing import tiny_config
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

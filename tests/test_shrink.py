@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from sparseft.backbone import load_backbone
-from sparseft.sparse.export import export_pretrained
+from sparseft.backbones.loading import load_backbone
+from sparseft.export.pretrained import export_pretrained
+from sparseft.export.shrink import REMOTE_CODE_FILE, shrink_
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.prune import sparsify
-from sparseft.sparse.shrink import REMOTE_CODE_FILE, shrink_
 from sparseft.sparse.structured import HeadLayout, channel_masks, group_blocks, head_masks
 from sparseft.testing import tiny_config
 

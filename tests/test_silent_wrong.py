@@ -9,15 +9,15 @@ import pytest
 import torch
 import yaml
 
-from sparseft.cli import expand_strategy_names, run_command
-from sparseft.cli_checks import check_trainer_strategy
+from sparseft.cli.checks import check_trainer_strategy
+from sparseft.cli.command import expand_strategy_names, run_command
 from sparseft.datamodules import GLUEDataModule
-from sparseft.module import SparseFTModule
-from sparseft.resume import check_strategy_settings, merge_model_options
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.strategies import DSEE, PST, Magnitude
 from sparseft.strategies.base import CHECKPOINT_KEY
 from sparseft.testing import tiny_config
+from sparseft.training.module import SparseFTModule
+from sparseft.training.resume import check_strategy_settings, merge_model_options
 from tests.test_cli import SENTENCES, fit_args, last_checkpoint, sst2_dir  # noqa: F401
 
 DEFAULTS = {"backbone": None, "config": None, "tokenizer": None, "learning_rate": 2e-5, "weight_decay": 0.0}
@@ -177,7 +177,7 @@ def test_sharded_trainer_strategies_are_refused_before_loading_anything(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr("sparseft.module.load_backbone", no_loading)
+    monkeypatch.setattr("sparseft.training.module.load_backbone", no_loading)
     with pytest.raises(ValueError, match=f"--trainer.strategy {name} is not supported with a sparsity strategy: .*"
                                          "Use --trainer.strategy ddp"):
         run_command([*fit_args(tiny_bert_dir, sst2_dir, tmp_path), f"--trainer.strategy={strategy}"])

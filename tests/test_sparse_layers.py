@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparseft.backbone import load_backbone
+from sparseft.backbones.loading import load_backbone
 from sparseft.sparse import merge_, prune_, select_targets, sparsify
 from sparseft.sparse.deltas import LowRank, RowBlocks
 from sparseft.sparse.layers import LinearLayer, find_linear_layers
@@ -154,7 +154,7 @@ def test_freeze_backbone_keeps_only_listed_parameters_and_the_head():
 
 
 def test_remaining_weights_counts_biases_and_layernorm_like_the_paper():
-    from sparseft.sparse.report import remaining_weights
+    from sparseft.sparse.measure import remaining_weights
 
     model = tiny("bert")
     layers = sparsify(model)

@@ -14,7 +14,6 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from sparseft.module import SparseFTModule
 from sparseft.sparse.flops import TransformerShape, flop_reduction, model_training_flops
 from sparseft.sparse.masks import pruned_count
 from sparseft.sparse.parametrize import sparse_layers
@@ -22,6 +21,7 @@ from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.static import random_scores, stored_keep
 from sparseft.strategies import SPDF
 from sparseft.testing import tiny_config
+from sparseft.training.module import SparseFTModule
 
 GPT2 = tiny_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 

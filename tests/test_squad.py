@@ -93,7 +93,7 @@ def test_malformed_file_names_file_and_record(tmp_path):
 
 @pytest.mark.integration
 def test_tiny_fit_through_the_cli_with_a_strategy(dev_rows, tmp_path):
-    from sparseft.cli import SparseFTCLI, expand_strategy_names
+    from sparseft.cli.command import SparseFTCLI, expand_strategy_names
     from sparseft.testing import make_tiny_model_dir
 
     source = json.loads(shared_data("squad", "dev-v1.1.json").read_text())

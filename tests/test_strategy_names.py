@@ -8,9 +8,9 @@ import pydoc
 import pytest
 import yaml
 
-from sparseft.cli import SparseFTCLI, expand_strategy_names, run_command
+from sparseft.cli.command import SparseFTCLI, expand_strategy_names, run_command
+from sparseft.cli.strategy_names import resolve_strategy_names
 from sparseft.strategies import PST, SPDF, Magnitude, available_strategies
-from sparseft.strategy_names import resolve_strategy_names
 from tests import test_cli
 from tests.test_cli_optimizers import cli_args
 

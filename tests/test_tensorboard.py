@@ -1,4 +1,4 @@
-"""Runs without a TensorBoard logger, and the figures of :mod:`sparseft.plots` that TensorBoard and
+"""Runs without a TensorBoard logger, and the figures of :mod:`sparseft.training.plots` that TensorBoard and
 ``sparseft report`` show (a run's TensorBoard contents: tests/test_outputs.py)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sparseft.module import SparseFTModule
-from sparseft.plots import BAR, KEPT_COLOUR, PRUNED_COLOUR, heatmap_layers, mask_heatmap, sparsity_bar_chart
 from sparseft.strategies import get_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
+from sparseft.training.plots import BAR, KEPT_COLOUR, PRUNED_COLOUR, heatmap_layers, mask_heatmap, sparsity_bar_chart
 
 
 @pytest.mark.parametrize("logger", ["none", "csv"])

@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from sparseft.datamodules import text as text_module
 from sparseft.datamodules.text import Perplexity, RawTextDataModule, pack_blocks, read_documents
-from sparseft.module import SparseFTModule
 from sparseft.strategies import SPDF
 from sparseft.testing import make_tiny_tokenizer, tiny_config
+from sparseft.training.module import SparseFTModule
 from tests.conftest import shared_data
 
 

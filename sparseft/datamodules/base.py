@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from sparseft.backbone import load_tokenizer
+from sparseft.backbones.loading import load_tokenizer
 from sparseft.datamodules.order import TrainingOrder
 
 

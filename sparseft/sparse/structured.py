@@ -5,7 +5,7 @@ q, k and v projections (``head_dim`` each) and the same columns of the attention
 FFN channel owns one row of every ``ffn_in`` projection (LLaMA's gate and up) and one column
 of ``ffn_out``. Masking a unit's output columns alone already removes its contribution;
 masking its input rows too makes the masked model equal, weight for weight, to the model with
-the unit physically removed (:mod:`sparseft.sparse.shrink`).
+the unit physically removed (:mod:`sparseft.export.shrink`).
 
 With grouped key/value heads (LLaMA-style GQA, ``num_key_value_heads < num_attention_heads``)
 the unit is a *KV group*: one key/value head and the query heads that share it, so every

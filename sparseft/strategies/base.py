@@ -19,7 +19,6 @@ Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
@@ -32,12 +31,11 @@ from torch import nn
 
 from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.masks import CountRule, check_sparsity
+from sparseft.sparse.measure import count_parameters
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, sparsify
-from sparseft.sparse.report import count_parameters
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.targets import TargetSpec, describe_targets, select_targets
-from sparseft.strategies.registry import available_strategies, get_strategy
 
 CHECKPOINT_KEY = "sparseft_strategy"
 
@@ -166,7 +164,7 @@ class SparsityStrategy(Callback):
         """Refuse options that cannot work on ``model`` before anything is attached or trained:
         targets that match no layer, an ``N:M`` pattern on a layer whose input width M does not divide.
 
-        The CLI calls it before the data is read (:mod:`sparseft.preflight`), ``attach`` before attaching.
+        The CLI calls it before the data is read (:mod:`sparseft.cli.preflight`), ``attach`` before attaching.
 
         Raises:
             ValueError: naming the option, the layer and the fix.
@@ -353,30 +351,3 @@ def _loggers_write_this_step(trainer: Trainer) -> bool:
 def _plain(value: Any) -> Any:
     """Constructor arguments as plain data (dataclasses such as schedules become dicts)."""
     return asdict(value) if is_dataclass(value) else value
-
-
-def strategy_class(description: dict[str, Any]) -> type[SparsityStrategy]:
-    """The class a :meth:`SparsityStrategy.describe` names: the registered one by its name, else (a
-    strategy never registered, e.g. used by class path only) the class its ``class_path`` imports."""
-    name, class_path = description.get("name") or "", description.get("class_path")
-    if name in available_strategies() or not class_path:
-        return get_strategy(name)
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"cannot import the strategy {class_path!r} this checkpoint was trained with ({error}): install or "
-            "put on the Python path the package that defines it"
-        ) from error
-    if not (isinstance(cls, type) and issubclass(cls, SparsityStrategy)):
-        raise ValueError(f"{class_path!r} is not a SparsityStrategy subclass")
-    return cls
-
-
-def build_strategy(description: dict[str, Any]) -> SparsityStrategy:
-    """Rebuild a strategy from :meth:`SparsityStrategy.describe` (e.g. a checkpoint's entry)."""
-    kwargs = dict(description.get("init_args", {}))
-    if isinstance(kwargs.get("schedule"), dict):
-        kwargs["schedule"] = SparsitySchedule(**kwargs["schedule"])
-    return strategy_class(description)(**kwargs)

@@ -8,12 +8,13 @@ A third-party package adds a strategy with no change to sparseft, in its ``pypro
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from sparseft.strategies.base import SparsityStrategy
+from sparseft.sparse.schedules import SparsitySchedule
+from sparseft.strategies.base import SparsityStrategy
 
 ENTRY_POINT_GROUP = "sparseft.strategies"
 _REGISTRY: dict[str, type[SparsityStrategy]] = {}
@@ -42,8 +43,6 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from sparseft.strategies.base import SparsityStrategy
-
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         cls = entry.load()
         if not (isinstance(cls, type) and issubclass(cls, SparsityStrategy)):
@@ -76,3 +75,30 @@ def sparseft_strategies() -> dict[str, type[SparsityStrategy]]:
     import sparseft.strategies  # noqa: F401  (registers the built-in strategies)
 
     return {name: cls for name, cls in sorted(_REGISTRY.items()) if cls.__module__.partition(".")[0] == "sparseft"}
+
+
+def strategy_class(description: dict[str, Any]) -> type[SparsityStrategy]:
+    """The class a :meth:`SparsityStrategy.describe` names: the registered one by its name, else (a
+    strategy never registered, e.g. used by class path only) the class its ``class_path`` imports."""
+    name, class_path = description.get("name") or "", description.get("class_path")
+    if name in available_strategies() or not class_path:
+        return get_strategy(name)
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"cannot import the strategy {class_path!r} this checkpoint was trained with ({error}): install or "
+            "put on the Python path the package that defines it"
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, SparsityStrategy)):
+        raise ValueError(f"{class_path!r} is not a SparsityStrategy subclass")
+    return cls
+
+
+def build_strategy(description: dict[str, Any]) -> SparsityStrategy:
+    """Rebuild a strategy from :meth:`SparsityStrategy.describe` (e.g. a checkpoint's entry)."""
+    kwargs = dict(description.get("init_args", {}))
+    if isinstance(kwargs.get("schedule"), dict):
+        kwargs["schedule"] = SparsitySchedule(**kwargs["schedule"])
+    return strategy_class(description)(**kwargs)

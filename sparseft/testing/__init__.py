@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy
 from transformers import PreTrainedTokenizerFast
 
-from sparseft.backbone import build_config, load_backbone
+from sparseft.backbones.loading import build_config, load_backbone
 from sparseft.datamodules.order import TrainingOrder
 from sparseft.sparse.parametrize import sparse_layers
 

@@ -35,13 +35,13 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from sparseft.module import SparseFTModule
-from sparseft.sparse.export import export_pretrained
+from sparseft.cli.strategy_names import register_parser_mode
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.masks import pruned_count, topk_mask
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.strategies import SparsityStrategy, build_strategy
-from sparseft.strategy_names import register_parser_mode
 from sparseft.testing import SyntheticClassificationData, tiny_config
+from sparseft.training.module import SparseFTModule
 
 STEPS = 10  # optimizer steps of every run, 4 batches per epoch
 RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a

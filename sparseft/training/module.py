@@ -18,16 +18,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 
-from sparseft.backbone import Task, load_backbone
-from sparseft.callbacks import RandomState
-from sparseft.checkpoint_checks import read_checkpoint, state_mismatch
+from sparseft.backbones.loading import Task, load_backbone
 from sparseft.datamodules.base import class_predictions, classification_metric_inputs
-from sparseft.distillation import distillation_loss
-from sparseft.optim import build_lr_scheduler, build_optimizer, check_options
-from sparseft.resume import check_strategy_settings
-from sparseft.run_summary import RUN_KEY, choose_dev_metric, describe_data
-from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy, build_strategy
-from sparseft.tensorboard import TensorBoardSummary
+from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
+from sparseft.strategies.registry import build_strategy
+from sparseft.training.callbacks import RandomState
+from sparseft.training.checkpoint_checks import read_checkpoint, state_mismatch
+from sparseft.training.distillation import distillation_loss
+from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options
+from sparseft.training.resume import check_strategy_settings
+from sparseft.training.run_summary import RUN_KEY, choose_dev_metric, describe_data
+from sparseft.training.tensorboard import TensorBoardSummary
 
 HF_CONFIG_KEY = "sparseft_hf_config"
 
@@ -234,7 +235,7 @@ class SparseFTModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer (AdamW or ``optimizer``) over :meth:`param_groups`, stepped every step by the
-        built-in schedule or ``lr_scheduler`` (see :mod:`sparseft.optim`)."""
+        built-in schedule or ``lr_scheduler`` (see :mod:`sparseft.training.optim`)."""
         hparams = self.hparams
         optimizer = build_optimizer(self.param_groups(), hparams.learning_rate, self._optimizer_factory,
                                     hparams.get("adam_epsilon"), hparams.get("adam_betas"))

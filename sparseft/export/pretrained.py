@@ -4,12 +4,12 @@ The saved directory loads with ``AutoModel*.from_pretrained`` and needs no spars
 every ``M ⊙ (W0 + ΔW)`` is merged into an ordinary weight (exact zeros where pruned), and
 ``report.json`` beside it records the measured sparsity, parameters and FLOPs (with their
 ``units``) and whatever the caller adds (``sparseft export``: strategy, backbone, data, steps,
-dev metric); ``README.md`` is the model card written from it (:mod:`sparseft.sparse.model_card`).
+dev metric); ``README.md`` is the model card written from it (:mod:`sparseft.export.model_card`).
 Every file is readable as the user's umask allows (some writers stage files with mode 0600).
 
 With ``shrink=True`` (what ``sparseft export`` passes for a strategy that prunes whole heads or
 FFN channels), units whose weights are all zero after merging are then removed physically
-(:func:`sparseft.sparse.shrink.shrink_`): the saved model is smaller. When the config cannot
+(:func:`sparseft.export.shrink.shrink_`): the saved model is smaller. When the config cannot
 express the new shapes (heads of BERT, RoBERTa, GPT-2), the directory also holds
 ``modeling_sparseft.py`` and loads with ``from_pretrained(path, trust_remote_code=True)``.
 S²FT's slice layers (:mod:`sparseft.sparse.slices`) are merged too and become their original
@@ -18,7 +18,7 @@ shrink, even where a channel happens to be all zeros, so they always load with a
 ``from_pretrained`` (unless stored compressed).
 
 With ``weight_format="compressed"`` the weights are stored as a bitmask and the non-zero values
-per sparse tensor (:mod:`sparseft.sparse.compressed`); the directory then loads with
+per sparse tensor (:mod:`sparseft.export.compressed`); the directory then loads with
 ``from_pretrained(path, trust_remote_code=True)`` or ``sparseft.load_compressed(path)``.
 
 The directory is written whole or not at all: into a fresh ``.<name>.partial-*`` directory
@@ -43,11 +43,12 @@ from typing import Any
 
 from torch import nn
 
-from sparseft.sparse.compressed import add_compressed_code_, check_weight_format, compress_saved_weights_
-from sparseft.sparse.model_card import model_card
+from sparseft.export.compressed import add_compressed_code_, check_weight_format, compress_saved_weights_
+from sparseft.export.model_card import model_card
+from sparseft.export.report import build_report
+from sparseft.export.shrink import add_remote_code_, shrink_
+from sparseft.sparse.measure import count_parameters, linear_flops_per_token
 from sparseft.sparse.parametrize import merge_, sparse_layers
-from sparseft.sparse.report import build_report, count_parameters, linear_flops_per_token
-from sparseft.sparse.shrink import add_remote_code_, shrink_
 from sparseft.sparse.slices import restore_linear_
 
 REPORT_FILE = "report.json"

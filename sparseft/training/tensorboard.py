@@ -27,10 +27,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from sparseft.plots import heatmap_layers, mask_heatmap, short_names, sparsity_bar_chart
-from sparseft.run_summary import describe_data
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.strategies.base import SparsityStrategy
+from sparseft.training.plots import heatmap_layers, mask_heatmap, short_names, sparsity_bar_chart
+from sparseft.training.run_summary import describe_data
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:

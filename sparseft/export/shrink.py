@@ -11,7 +11,7 @@ FFN width (``intermediate_size`` / GPT-2's ``n_inner``) and, for architectures w
 has ``head_dim`` (LLaMA-style), a uniform number of heads and key/value heads. What the config
 cannot express (BERT, RoBERTa and GPT-2 tie the attention width to ``hidden_size``; different
 counts in different blocks) is written into ``config.sparseft_resized`` with
-``modeling_sparseft.py`` (:mod:`sparseft.sparse.resized_modeling`) beside the weights.
+``modeling_sparseft.py`` (:mod:`sparseft.export.resized_modeling`) beside the weights.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 import transformers
 from torch import nn
 
-from sparseft.sparse import resized_modeling
+from sparseft.export import resized_modeling
+from sparseft.export.resized_modeling import ATTENTION_ATTRIBUTES, RESIZED_KEY, set_linear_shape_
 from sparseft.sparse.layers import LinearLayer, find_linear_layers
-from sparseft.sparse.resized_modeling import ATTENTION_ATTRIBUTES, RESIZED_KEY, set_linear_shape_
 from sparseft.sparse.structured import Block, HeadLayout, group_blocks, head_rows, row_owners
 
 REMOTE_CODE_FILE = "modeling_sparseft.py"

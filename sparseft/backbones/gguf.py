@@ -17,7 +17,7 @@ minute to two minutes (most of it parsing the tokenizer's metadata), so it is do
   the first rename wins and the others use it. Temporary directories a kill left behind are
   removed by the next conversion after a day.
 
-Naming a GGUF file (hub, local path or ``pkg:``) is :mod:`sparseft.backbone`'s job; this module
+Naming a GGUF file (hub, local path or ``pkg:``) is :mod:`sparseft.backbones.loading`'s job; this module
 starts from a local file.
 """
 

@@ -40,7 +40,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 DEBUG_ENV = "SPARSEFT_DEBUG"
 USAGE_ERROR_STATUS = 2
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 # jsonargparse's wrapper of an error raised while instantiating a class given as "class_path"
 _UNION_WRAPPER = "Does not validate against any of the Union subtypes"

@@ -5,18 +5,18 @@
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
 * ``sparseft predict``: writes the task's submission format (GLUE TSV, SQuAD JSON, E2E text) to
   the run directory (the datamodule's ``write_predictions``; ``--data.predict_split dev|test``).
-* ``sparseft``, ``sparseft --help``: every command, one line each (:mod:`sparseft.cli_help`).
+* ``sparseft``, ``sparseft --help``: every command, one line each (:mod:`sparseft.cli.help`).
 * ``validate`` / ``test`` / ``predict`` need ``--ckpt_path``, or ``--backbone_weights true`` for a
-  backbone that is itself fine-tuned (:mod:`sparseft.cli_checks`); ``--ckpt_path`` fills in only the
-  model options the user left unset (:mod:`sparseft.resume`).
+  backbone that is itself fine-tuned (:mod:`sparseft.cli.checks`); ``--ckpt_path`` fills in only the
+  model options the user left unset (:mod:`sparseft.training.resume`).
 * ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory,
   written whole or not at all (``--overwrite true`` replaces a non-empty one);
-  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.sparse.adapters`);
-  ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.sparse.compressed`).
+  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.export.adapters`);
+  ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.export.compressed`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
 * ``sparseft report CKPT_OR_EXPORT``: the per-layer sparsity table and PNG figures
-  (:mod:`sparseft.report_command`).
+  (:mod:`sparseft.cli.report`).
 """
 
 from __future__ import annotations
@@ -31,31 +31,31 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparseft import __version__
-from sparseft.backbone import load_tokenizer
-from sparseft.callbacks import PredictionWriter
-from sparseft.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
-from sparseft.cli_checks import (
+from sparseft.backbones.loading import load_tokenizer
+from sparseft.cli.checks import (
     BACKBONE_WEIGHTS_HELP,
     EVALUATION_COMMANDS,
     check_evaluated_weights,
     check_trainer_strategy,
 )
-from sparseft.cli_help import HELP_FLAGS, VERSION_FLAGS, usage
-from sparseft.cli_options import add_optimizer_arguments, start_switched_strategies_fresh
-from sparseft.console import console_callbacks
+from sparseft.cli.console import console_callbacks
+from sparseft.cli.errors import one_line_user_errors
+from sparseft.cli.help import HELP_FLAGS, VERSION_FLAGS, usage
+from sparseft.cli.options import add_optimizer_arguments, start_switched_strategies_fresh
+from sparseft.cli.preflight import check_before_run
+from sparseft.cli.report import report_command
+from sparseft.cli.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 from sparseft.datamodules.base import TextDataModule
-from sparseft.errors import one_line_user_errors
-from sparseft.module import SparseFTModule
-from sparseft.preflight import check_before_run
-from sparseft.report_command import report_command
-from sparseft.resume import model_options_from_checkpoint
-from sparseft.run_summary import read_training_summary
-from sparseft.sparse.adapters import extract_adapter, save_adapter
-from sparseft.sparse.compressed import WEIGHT_FORMATS
-from sparseft.sparse.export import check_export_target, export_pretrained
+from sparseft.export.adapters import extract_adapter, save_adapter
+from sparseft.export.compressed import WEIGHT_FORMATS
+from sparseft.export.pretrained import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies
-from sparseft.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
+from sparseft.training.callbacks import PredictionWriter
+from sparseft.training.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
+from sparseft.training.module import SparseFTModule
+from sparseft.training.resume import model_options_from_checkpoint
+from sparseft.training.run_summary import read_training_summary
 
 EXTRA_COMMANDS = ("export", "strategies", "targets", "report")
 STRATEGY_OPTIONS = ("--sparsity", "--sparsity.class_path", "--sparsity.help")
@@ -70,14 +70,14 @@ class SparseFTCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        # strategy names in configuration files (class_path: magnitude), see sparseft.strategy_names
+        # strategy names in configuration files (class_path: magnitude), see sparseft.cli.strategy_names
         kwargs["parser_kwargs"] = {"parser_mode": register_parser_mode(), **kwargs.get("parser_kwargs", {})}
         # --optimizer / --lr_scheduler go to the module, which builds them from the strategies' groups
         super().__init__(SparseFTModule, TextDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
                          **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Parse errors are raised, for :mod:`sparseft.errors` to report in one line."""
+        """Parse errors are raised, for :mod:`sparseft.cli.errors` to report in one line."""
         return super().init_parser(**{"exit_on_error": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -97,8 +97,8 @@ class SparseFTCLI(LightningCLI):
         return parser
 
     def _parse_ckpt_path(self) -> None:
-        """Check the run before anything loads (:mod:`sparseft.cli_checks`); take from ``--ckpt_path`` only
-        the model options the user left unset, refusing another model (:mod:`sparseft.resume`), where
+        """Check the run before anything loads (:mod:`sparseft.cli.checks`); take from ``--ckpt_path`` only
+        the model options the user left unset, refusing another model (:mod:`sparseft.training.resume`), where
         Lightning would parse all of the checkpoint's over the user's."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -111,7 +111,7 @@ class SparseFTCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
     def after_instantiate_classes(self) -> None:
-        """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.preflight`)."""
+        """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""
         if self.subcommand is not None:
             check_before_run(self.model.model, self.datamodule, self.trainer, self.subcommand,
                              self._get(self.config_init, "ckpt_path"))
@@ -119,7 +119,7 @@ class SparseFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
         ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured, and the
-        console is quieter (:mod:`sparseft.console`)."""
+        console is quieter (:mod:`sparseft.cli.console`)."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [c for c in callbacks if isinstance(c, Callback)]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -134,7 +134,7 @@ class SparseFTCLI(LightningCLI):
 
 def resumable_fit(config: dict[str, Any], configured: list[Any]) -> list[Callback]:
     """A fit always leaves a checkpoint of its last state, also on Ctrl-C or an exception, and writes
-    checkpoints next to their target (:mod:`sparseft.checkpointing`); edits ``config["plugins"]``."""
+    checkpoints next to their target (:mod:`sparseft.training.checkpointing`); edits ``config["plugins"]``."""
     config["plugins"] = with_checkpoint_io(config.get("plugins"))
     return fit_checkpoint_callbacks(configured, config.get("enable_checkpointing") is not False)
 
@@ -210,7 +210,7 @@ def targets_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``sparseft`` console script; a user error is one line (:mod:`sparseft.errors`)."""
+    """Entry point of the ``sparseft`` console script; a user error is one line (:mod:`sparseft.cli.errors`)."""
     command = next(iter(sys.argv[1:] if argv is None else argv), "")
     with one_line_user_errors(command if command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS) else ""):
         run_command(argv)
@@ -239,6 +239,3 @@ def run_command(argv: list[str] | None = None) -> None:
         sys.argv[1:] = expand_strategy_names(argv)
         SparseFTCLI()
 
-
-if __name__ == "__main__":
-    main()

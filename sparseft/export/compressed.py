@@ -3,7 +3,7 @@
 ``export_pretrained(..., weight_format="compressed")`` (``sparseft export --format
 compressed``) lets ``save_pretrained`` write the model as usual, then re-encodes the
 safetensors it wrote into one file where each sparse tensor is a packed bitmask and its
-non-zero values (the layout is specified in :mod:`sparseft.sparse.compressed_modeling`, which
+non-zero values (the layout is specified in :mod:`sparseft.export.compressed_modeling`, which
 is copied beside the weights as remote code). The maintained formats for this are gone:
 compressed-tensors removed its sparse compressors (it keeps only their config classes) and
 transformers 5 has no ``sparsity_config`` handling, so no maintained library reads such files.
@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from sparseft.sparse import compressed_modeling
-from sparseft.sparse.compressed_modeling import HUB_KWARGS, WEIGHTS_FILE, compressed_load_kwargs, encode_state_dict
-from sparseft.sparse.shrink import point_auto_map_
+from sparseft.export import compressed_modeling
+from sparseft.export.compressed_modeling import HUB_KWARGS, WEIGHTS_FILE, compressed_load_kwargs, encode_state_dict
+from sparseft.export.shrink import point_auto_map_
 
 WEIGHT_FORMATS = ("dense", "compressed")
 REMOTE_CODE_FILE = "modeling_sparseft_compressed.py"

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparseft.strategies.base import SparsityStrategy, build_strategy
+from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.registry import build_strategy
 
 #: The options that say which model a checkpoint holds: a different one is another model.
 MODEL_IDENTITY = ("backbone", "config", "tokenizer")
