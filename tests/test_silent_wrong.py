@@ -169,7 +169,6 @@ def test_sparsity_null_with_an_equals_sign_means_no_strategy(tiny_bert_dir, sst2
 @pytest.mark.parametrize("strategy, name", [
     ("fsdp", "FSDPStrategy"),
     ("deepspeed_stage_2", "DeepSpeedStrategy"),
-    ("lightning.pytorch.strategies.ModelParallelStrategy", "ModelParallelStrategy"),
 ])
 def test_sharded_trainer_strategies_are_refused_before_loading_anything(
     strategy, name, tiny_bert_dir, sst2_dir, tmp_path, monkeypatch  # noqa: F811
@@ -179,11 +178,12 @@ def test_sharded_trainer_strategies_are_refused_before_loading_anything(
 
     monkeypatch.setattr("sparseft.training.module.load_backbone", no_loading)
     with pytest.raises(ValueError, match=f"--trainer.strategy {name} is not supported with a sparsity strategy: .*"
-                                         "Use --trainer.strategy ddp"):
+                                         "use --trainer.strategy fsdp2"):
         run_command([*fit_args(tiny_bert_dir, sst2_dir, tmp_path), f"--trainer.strategy={strategy}"])
 
 
-def test_ddp_and_dense_runs_are_not_refused():
-    check_trainer_strategy("ddp", {"class_path": "sparseft.strategies.Magnitude"})
-    check_trainer_strategy("auto", {"class_path": "sparseft.strategies.Magnitude"})
+def test_ddp_fsdp2_and_dense_runs_are_not_refused():
+    magnitude = {"class_path": "sparseft.strategies.Magnitude"}
+    for strategy in ("ddp", "auto", "fsdp2", "lightning.pytorch.strategies.ModelParallelStrategy"):
+        check_trainer_strategy(strategy, magnitude)
     check_trainer_strategy("fsdp", None)  # dense fine-tuning: Lightning's own (untested with sparseft)

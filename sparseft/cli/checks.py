@@ -8,8 +8,9 @@ that would otherwise do something else than the user meant.
   ``sparseft export`` directory, a hub model fine-tuned for the task) or a deliberate zero-shot
   baseline. A model built from ``model.config`` has random weights and always needs a checkpoint.
 * :func:`check_trainer_strategy`: the trainer strategies a sparsity strategy cannot run under
-  (FSDP, ModelParallelStrategy, DeepSpeed), with the reason; docs/user_guide.md "Several
-  processes" says what each one supports.
+  (FSDP1, DeepSpeed), with the reason; docs/user_guide.md "Several processes" says what each one
+  supports. FSDP2 (``fsdp2``) is supported; settings of a strategy that cannot shard are refused by
+  :meth:`~sparseft.strategies.base.SparsityStrategy.check_trainer`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
     FSDPStrategy,
-    ModelParallelStrategy,
     Strategy,
     StrategyRegistry,
 )
@@ -54,15 +54,14 @@ def check_evaluated_weights(subcommand: str, config: Any) -> None:
         )
 
 
-#: Trainer strategies that shard or take over what sparsity strategies compute on, and why.
+#: Trainer strategies that sparsity strategies cannot run under, and why (FSDP2 is ``fsdp2``).
 UNSUPPORTED_WITH_SPARSITY: dict[type, str] = {
-    FSDPStrategy: "FSDP shards every weight matrix across ranks, but masks are chosen from whole matrices "
-    "outside the forward (top-k per layer or over all layers) and S²FT's slice layers and DSEE's supports "
-    "index whole matrices",
-    ModelParallelStrategy: "FSDP2 / tensor parallelism turn weights into DTensor shards, which the "
-    "parametrization would multiply by whole-matrix masks",
+    FSDPStrategy: "FSDP1 (FullyShardedDataParallel) flattens each block's weights into one sharded vector, "
+    "which parametrized layers and whole-matrix masks cannot address, and Lightning and torch do not run it "
+    "on CPUs; use --trainer.strategy fsdp2 (FSDP2, fully_shard), or ddp",
     DeepSpeedStrategy: "DeepSpeed owns the optimizer and partitions its state and gradients (ZeRO-3 also the "
-    "weights), which masks, gradient masking and DSEE's optimizer restart need whole",
+    "weights), which masks, gradient masking and DSEE's optimizer restart need whole; use --trainer.strategy "
+    "fsdp2 or ddp",
 }
 
 
@@ -81,13 +80,13 @@ def _strategy_class(value: Any) -> type | None:
 
 
 def check_trainer_strategy(trainer_strategy: Any, sparsity: Any) -> None:
-    """Refuse a sparsity strategy under FSDP, ModelParallelStrategy or DeepSpeed, naming the reason."""
+    """Refuse a sparsity strategy under FSDP1 or DeepSpeed, naming the reason."""
     if sparsity is None:
         return
     cls = _strategy_class(trainer_strategy)
     for unsupported, reason in UNSUPPORTED_WITH_SPARSITY.items():
         if isinstance(cls, type) and issubclass(cls, unsupported):
             raise ValueError(
-                f"--trainer.strategy {unsupported.__name__} is not supported with a sparsity strategy: {reason}. "
-                "Use --trainer.strategy ddp (several GPUs or nodes; see docs/user_guide.md, Several processes)"
+                f"--trainer.strategy {unsupported.__name__} is not supported with a sparsity strategy: {reason} "
+                "(docs/user_guide.md, Several processes)"
             )

@@ -4,8 +4,9 @@ Lightning creates the run's log directory before it reads the data, and strategi
 ``setup``, after the data has been tokenized. A mistake found there leaves a run directory
 behind and costs the tokenization. So the command first checks, in this order, cheapest first:
 
-1. every strategy against the model (:meth:`SparsityStrategy.check_model`: targets that match
-   nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
+1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
+   that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
+   match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
 2. that ``--ckpt_path`` names an existing file;
 3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
@@ -42,6 +43,7 @@ def check_before_run(
     """Run the checks of the module docstring; ``model`` is the LightningModule's backbone."""
     for callback in trainer.callbacks:
         if isinstance(callback, SparsityStrategy) and not callback.layers:
+            callback.check_trainer(trainer)
             callback.check_model(model)
     check_checkpoint_path(ckpt_path)
     if datamodule is not None:

@@ -99,8 +99,12 @@ class LinearLayer:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(out_features, in_features)``."""
-        rows, cols = self.module.weight.shape
+        """``(out_features, in_features)``, read from the stored weight: a parametrized layer's is its
+        ``original`` (the parametrization keeps the shape), so nothing is computed, and under FSDP2
+        the whole matrix's shape, not a shard's."""
+        parametrized = getattr(getattr(self.module, "parametrizations", None), "weight", None)
+        stored = parametrized.original if parametrized is not None else self.module.weight
+        rows, cols = stored.shape
         return (cols, rows) if self.transposed else (rows, cols)
 
     @property

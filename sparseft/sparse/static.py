@@ -10,6 +10,7 @@ What holds zeros where ``M = 0``, for a layer ``W_eff = M ⊙ W0``:
 * ``W_eff``: always (the parametrization's ``where(M, W0, 0)``);
 * ``∂L/∂W0``: exactly 0 by the same ``where`` (NaN and inf included); :func:`mask_gradients_`
   makes it explicit, as the reference does, so nothing added to the gradient later leaks in;
+* under FSDP2 (sharded ``W0``, gradient and moments) each rank masks the rows it holds;
 * ``W0`` and AdamW's ``exp_avg`` / ``exp_avg_sq``: 0 once zeroed, and kept there by the
   arithmetic when the gradient is 0 (``m ← β₁m + (1−β₁)·0``, ``W ← W(1 − ηλ) − η·0/(0+ε)``);
   :func:`mask_weights_and_state_` re-applies the mask after every step anyway, as Cerebras'
@@ -28,6 +29,7 @@ from torch.nn.utils import parametrize
 from sparseft.sparse.layers import as_out_in
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import sparsify
+from sparseft.sparse.sharding import masked_fill_local_
 
 PARAMETRIZED_SUFFIX = ".parametrizations.weight.original"
 
@@ -58,7 +60,7 @@ def mask_gradients_(layers: list[SparseLayer]) -> None:
     for layer in layers:
         grad = layer.stored_weight.grad
         if grad is not None:
-            grad.masked_fill_(~stored_keep(layer), 0.0)
+            masked_fill_local_(grad, stored_keep(layer))
 
 
 @torch.no_grad()
@@ -66,11 +68,11 @@ def mask_weights_and_state_(layers: list[SparseLayer], optimizers: list[torch.op
     """``W0 ← M ⊙ W0`` and every optimizer state tensor of ``W0``'s shape (Adam's moments) likewise."""
     for layer in layers:
         weight, keep = layer.stored_weight, stored_keep(layer)
-        weight.masked_fill_(~keep, 0.0)
+        masked_fill_local_(weight, keep)
         for optimizer in optimizers:
             for value in optimizer.state.get(weight, {}).values():
                 if torch.is_tensor(value) and value.shape == weight.shape:
-                    value.masked_fill_(~keep, 0.0)
+                    masked_fill_local_(value, keep)
 
 
 @torch.no_grad()

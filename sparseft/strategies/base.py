@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -35,6 +38,7 @@ from sparseft.sparse.measure import count_parameters
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
+from sparseft.sparse.sharding import whole_parameters
 from sparseft.sparse.targets import TargetSpec, describe_targets, select_targets
 
 CHECKPOINT_KEY = "sparseft_strategy"
@@ -155,6 +159,20 @@ class SparsityStrategy(Callback):
         """Whether the masks remove whole heads or FFN channels, so export can shrink the model."""
         return False
 
+    def fsdp2_refusal(self) -> str | None:
+        """Why this strategy, with these settings, cannot train under FSDP2, or None (it can).
+
+        A method that touches parameters outside the forward other than through mask updates (which
+        :meth:`whole_layers` covers) must handle their shards or say here why it cannot."""
+        return None
+
+    def check_trainer(self, trainer: Trainer) -> None:
+        """Refuse, in one line, a trainer strategy this strategy cannot run under (FSDP2 where
+        :meth:`fsdp2_refusal` says why). The CLI calls it before the data is read, ``setup`` again."""
+        reason = self.fsdp2_refusal() if isinstance(trainer.strategy, ModelParallelStrategy) else None
+        if reason:
+            raise ValueError(f"--trainer.strategy fsdp2 with sparsity strategy {self.strategy_id!r}: {reason}")
+
     def needs_update(self, sparsity: float) -> bool:
         """Whether masks must be recomputed for this step's target sparsity."""
         return sparsity != self.applied_sparsity
@@ -200,8 +218,19 @@ class SparsityStrategy(Callback):
 
     def _refresh_if_stale(self) -> None:
         if self._masks_stale:
-            self.refresh_masks()
+            with self.whole_layers():
+                self.refresh_masks()
             self._masks_stale = False
+
+    @contextmanager
+    def whole_layers(self) -> Iterator[None]:
+        """Within the block, the target layers' parameters (``W0``, ΔW, scores) are whole tensors: under
+        FSDP2 they are shards outside the forward, and every mask is computed from whole matrices
+        (:func:`~sparseft.sparse.sharding.whole_parameters`; the same masks on every rank as in one
+        process). Without sharding it does nothing. Mask updates run inside it; a method that reads
+        weights outside the forward elsewhere must too."""
+        with whole_parameters([layer.layer.module for layer in self.layers]):
+            yield
 
     def _measure(self) -> None:
         if not self.layers:
@@ -216,6 +245,7 @@ class SparsityStrategy(Callback):
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_trainer(trainer)
         self.attach(pl_module.model)
         trainable, total = count_parameters(pl_module)
         rank_zero_info(
@@ -262,7 +292,8 @@ class SparsityStrategy(Callback):
             self.applied_sparsity = sparsity
             self._masks_pending = True
         else:
-            self.update_masks(sparsity)
+            with self.whole_layers():
+                self.update_masks(sparsity)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -283,7 +314,8 @@ class SparsityStrategy(Callback):
                 f"{self.final_sparsity}; masks are set to the final sparsity now, with no recovery steps. "
                 "Train longer or raise schedule.final_warmup."
             )
-            self.update_masks(self.final_sparsity)
+            with self.whole_layers():
+                self.update_masks(self.final_sparsity)
         self._refresh_if_stale()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -118,6 +118,12 @@ class Movement(SparsityStrategy):
             freeze_embeddings_(model)
         return super().attach(model)
 
+    def fsdp2_refusal(self) -> str | None:
+        if self.variant == "soft":
+            return ("the soft variant's penalty on sigmoid(S) is computed outside the forward, from scores FSDP2 "
+                    "holds as shards; use --sparsity.variant hard (top-k), or --trainer.strategy ddp")
+        return None
+
     def scores(self) -> list[torch.Tensor]:
         return [layer.param.score.scores for layer in self.layers]
 

@@ -109,6 +109,13 @@ class SPDF(SparsityStrategy):
         self._prepared = False
         self._loaded = False
 
+    def fsdp2_refusal(self) -> str | None:
+        if self.dense_from_step is not None:
+            return ("the switch to dense training (dense_from_step) removes the masks' parametrizations from "
+                    "layers FSDP2 has sharded; train the sparse phase under fsdp2 and the dense phase as a second "
+                    "run (phase dense, checkpoint <sparse run's checkpoint>), or use --trainer.strategy ddp")
+        return None
+
     # ---- masks ---------------------------------------------------------------------------
     def compute_scores(self) -> list[torch.Tensor]:
         if self.init == "magnitude":

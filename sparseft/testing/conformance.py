@@ -23,7 +23,12 @@ runs, as a strict ``xfail``: the day it passes, the entry must go.
 from __future__ import annotations
 
 import csv
+import importlib
 import inspect
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,11 +39,13 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 from sparseft.cli.strategy_names import register_parser_mode
 from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.masks import pruned_count, topk_mask
 from sparseft.sparse.parametrize import sparse_layers
+from sparseft.sparse.sharding import whole_parameters
 from sparseft.strategies import SparsityStrategy, build_strategy
 from sparseft.testing import SyntheticClassificationData, tiny_config
 from sparseft.training.module import SparseFTModule
@@ -46,7 +53,10 @@ from sparseft.training.module import SparseFTModule
 STEPS = 10  # optimizer steps of every run, 4 batches per epoch
 RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a
 # plain DataLoader from its start when resuming mid-epoch)
-CHECKS = ("docstring", "yaml", "zeros", "logging", "resume", "fresh_masks", "export")
+CHECKS = ("docstring", "yaml", "zeros", "logging", "resume", "fresh_masks", "export", "fsdp2")
+#: how far FSDP2's weights may be from DDP's after :data:`STEPS` steps (the same sums, in another order
+#: on other machines; bit-identical on the CPU with gloo)
+FSDP2_WEIGHT_TOLERANCE = 1e-5
 
 
 def build_from_config(strategy_class: type[SparsityStrategy], init_args: dict[str, Any]) -> SparsityStrategy:
@@ -74,14 +84,16 @@ def tiny_module() -> SparseFTModule:
 
 
 def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None,
-        **trainer_kwargs: Any) -> tuple[Trainer, SparseFTModule]:
-    """Train :func:`tiny_module` with ``strategy`` on 32 synthetic examples (4 batches per epoch)."""
+        trainer_strategy: str = "auto", **trainer_kwargs: Any) -> tuple[Trainer, SparseFTModule]:
+    """Train :func:`tiny_module` with ``strategy`` on 32 synthetic examples (4 batches per epoch, over all
+    processes), under Lightning's ``trainer_strategy``."""
     module = tiny_module()
     trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=trainer_kwargs.pop("logger", False),
+        max_steps=max_steps, accelerator="cpu", devices=trainer_kwargs.pop("devices", 1),
+        logger=trainer_kwargs.pop("logger", False),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
         limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0), enable_checkpointing=False,
-        callbacks=[strategy, *trainer_kwargs.pop("callbacks", [])], **trainer_kwargs,
+        callbacks=[strategy, *trainer_kwargs.pop("callbacks", [])], strategy=trainer_strategy, **trainer_kwargs,
     )
     trainer.fit(module, SyntheticClassificationData(size=32), ckpt_path=ckpt_path)
     return trainer, module
@@ -242,6 +254,56 @@ def check_export(strategy: SparsityStrategy, root: Path) -> None:
     assert not any("parametrizations" in key for key in plain.state_dict())
 
 
+_FSDP2_SCRIPT = """
+import json, sys
+from sparseft.testing.conformance import fsdp2_and_ddp_runs
+fsdp2_and_ddp_runs(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])
+"""
+
+
+def whole_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state with sharded (FSDP2) tensors gathered whole, on every rank."""
+    with whole_parameters([module]):
+        return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str) -> None:
+    """In each of 2 processes: :func:`fit` under DDP, then under FSDP2, the strategy built afresh from
+    ``init_args`` each time; each rank saves both models' whole state to ``root``. Run it as a script
+    (Lightning starts the second process by running the script again)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    strategy_class = getattr(importlib.import_module(module_name), class_name)
+    for trainer_strategy in ("ddp", "fsdp2"):
+        strategy = build_from_config(strategy_class, init_args)
+        trainer, module = fit(strategy, Path(root) / trainer_strategy, devices=2,
+                              trainer_strategy=trainer_strategy)
+        torch.save(whole_state(module.model), Path(root) / f"{trainer_strategy}-rank{trainer.global_rank}.pt")
+
+
+def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any], root: Path) -> None:
+    """Under FSDP2 (2 CPU processes, gloo) the strategy gives the masks of the same run under DDP, bit for
+    bit on both ranks, and weights within :data:`FSDP2_WEIGHT_TOLERANCE`; or, with settings that
+    :meth:`~SparsityStrategy.fsdp2_refusal` refuses, it names the reason before training."""
+    if build_from_config(strategy_class, init_args).fsdp2_refusal():
+        pytest.skip("these settings are refused under FSDP2 (fsdp2_refusal)")
+    script = root / "fsdp2_and_ddp.py"
+    script.write_text(_FSDP2_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    result = subprocess.run([sys.executable, str(script), _class_path(strategy_class), json.dumps(init_args),
+                             str(root)], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference = torch.load(root / "ddp-rank0.pt")
+    for run in ("ddp-rank1", "fsdp2-rank0", "fsdp2-rank1"):
+        state = torch.load(root / f"{run}.pt")
+        assert state.keys() == reference.keys(), run
+        for key, value in reference.items():
+            if value.dtype == torch.bool:
+                assert torch.equal(state[key], value), f"{run}: mask {key} differs from DDP rank 0's"
+            else:
+                torch.testing.assert_close(state[key], value, rtol=0, atol=FSDP2_WEIGHT_TOLERANCE,
+                                           msg=lambda text, key=key, run=run: f"{run}: {key}: {text}")
+
+
 # ---- the pytest class ---------------------------------------------------------------------
 class StrategyConformance:
     """Subclass as ``Test<Name>`` with ``strategy_class`` and ``init_args``: pytest runs every check.
@@ -294,3 +356,8 @@ class StrategyConformance:
     def test_export_from_the_checkpoint_gives_identical_logits(self, request, tmp_path):
         self.expect(request, "export")
         check_export(self.make_strategy(), tmp_path)
+
+    @pytest.mark.slow
+    def test_fsdp2_gives_the_masks_and_weights_of_ddp(self, request, tmp_path):
+        self.expect(request, "fsdp2")
+        check_fsdp2(self.strategy_class, self.init_args, tmp_path)

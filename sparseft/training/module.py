@@ -28,6 +28,7 @@ from sparseft.training.distillation import distillation_loss
 from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options
 from sparseft.training.resume import check_strategy_settings
 from sparseft.training.run_summary import RUN_KEY, choose_dev_metric, describe_data
+from sparseft.training.sharding import data_parallel_mesh, shard_backbone_
 from sparseft.training.tensorboard import TensorBoardSummary
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -232,6 +233,16 @@ class SparseFTModule(LightningModule):
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
         return [group for group in groups if group["params"]]
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy fsdp2`` (a ``ModelParallelStrategy``), shard each transformer block and
+        the backbone with FSDP2 (:mod:`sparseft.training.sharding`); under any other strategy, nothing.
+
+        Lightning calls it after the callbacks' ``setup``, so the sparsity strategies' tensors are
+        already attached and are sharded with the blocks they belong to.
+        """
+        if self._device_mesh is not None:
+            shard_backbone_(self.model, data_parallel_mesh(self._device_mesh))
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer (AdamW or ``optimizer``) over :meth:`param_groups`, stepped every step by the

@@ -1,0 +1,88 @@
+"""FSDP2 for sparseft: the ``fsdp2`` trainer strategy and how a backbone is sharded.
+
+``--trainer.strategy fsdp2`` is Lightning's ``ModelParallelStrategy`` with all processes in one
+data-parallel dimension and no tensor parallelism: every parameter, gradient and optimizer
+state is split across all ranks (FSDP2, ``fully_shard``), each rank trains on its own batches.
+:meth:`SparseFTModule.configure_model` calls :func:`shard_backbone_`, which shards each
+transformer block and then the root, as the FSDP2 documentation recommends: the forward gathers
+one block at a time.
+
+Sparsity strategies attach in ``setup``, before ``configure_model``, so their masks (buffers, not
+sharded: every rank holds them whole), scores, low-rank factors and slices are sharded with the
+blocks they belong to. What they compute outside the forward gathers one layer's tensors at a
+time (:mod:`sparseft.sparse.sharding`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+FSDP2_NAME = "fsdp2"
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as pure FSDP2: one data-parallel dimension over every process of every
+    node (``ModelParallelStrategy`` alone puts a node's processes in a tensor-parallel dimension)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+StrategyRegistry.register(FSDP2_NAME, FSDP2Strategy, description="FSDP2 (fully_shard) over all processes",
+                          override=True)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's transformer blocks: modules of the classes it names in ``_no_split_modules``
+    (GPT-2's ``GPT2Block``, LLaMA's ``LlamaDecoderLayer``), else the entries of the outermost
+    ``ModuleList`` that hold linear layers (BERT's ``encoder.layer``)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if names:
+        return [module for module in model.modules() if type(module).__name__ in names]
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        holding = [child for child in module if any(isinstance(m, nn.Linear) for m in child.modules())]
+        if holding:
+            blocks.extend(holding)
+            inside.update(id(m) for child in holding for m in child.modules())
+    return blocks
+
+
+def shard_backbone_(model: nn.Module, mesh: DeviceMesh) -> int:
+    """``fully_shard`` every transformer block of ``model``, then ``model`` itself (the embeddings,
+    the head and whatever lies outside the blocks), over the 1-D ``mesh``. Returns the blocks sharded;
+    a model already sharded is left as it is (Lightning calls ``configure_model`` once per run)."""
+    if isinstance(model, FSDPModule):
+        return 0
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard with FSDP2")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel dimension of Lightning's device mesh, refusing tensor parallelism (sparseft
+    shards with FSDP2 only: a tensor-parallel plan would split the matrices masks are chosen from)."""
+    if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"--trainer.strategy ModelParallelStrategy with tensor_parallel_size {mesh['tensor_parallel'].size()}: "
+            "sparseft shards with FSDP2 only; use --trainer.strategy fsdp2"
+        )
+    return mesh["data_parallel"] if mesh.ndim > 1 else mesh
