@@ -44,7 +44,7 @@ def whole_parameters(modules: Iterable[nn.Module]) -> Iterator[None]:
     For reading only: the whole tensors are copies, and what is written to them is dropped at the
     end of the block (write a shard with :func:`masked_fill_local_`). Every rank must enter the
     block with the same modules: the gather is a collective. Gathered tensors do not require
-    gradients.
+    gradients; a parameter's gradient, where it has one, is gathered with it.
     """
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
@@ -53,7 +53,10 @@ def whole_parameters(modules: Iterable[nn.Module]) -> Iterator[None]:
                 for owner in module.modules():
                     for name, parameter in list(owner._parameters.items()):
                         if parameter is not None and is_sharded(parameter):
-                            owner._parameters[name] = nn.Parameter(parameter.full_tensor(), requires_grad=False)
+                            whole = nn.Parameter(parameter.full_tensor(), requires_grad=False)
+                            if parameter.grad is not None:  # a gradient criterion reads it
+                                whole.grad = parameter.grad.full_tensor()
+                            owner._parameters[name] = whole
                             swapped.append((owner, name, parameter))
         yield
     finally:

@@ -4,7 +4,8 @@ The base class owns everything methods share: target selection, the parametrizat
 masks, the schedule position, checkpoint state, logging and export metadata. A method
 overrides one or two of:
 
-* :meth:`compute_scores` — importance of each weight (the mask keeps the top ones);
+* :meth:`layer_scores` (or :meth:`compute_scores` for all layers at once) — importance of each
+  weight (the mask keeps the top ones);
 * :meth:`make_delta` / :meth:`make_score` — ΔW and straight-through score modules to attach;
 * :meth:`param_groups` — optimizer groups for what it adds (e.g. scores at lr 1e-2);
 * ``freeze_base`` (class attribute) — freeze ``W0`` for parameter-efficient methods.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
 
@@ -142,9 +143,17 @@ class SparsityStrategy(Callback):
         """Straight-through score module for ``layer`` (``forward(w)`` returns scores), or None."""
         return None
 
+    def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
+        """Importance of one target layer's weights, ``[out, in]``; higher is kept.
+
+        A method implements this or :meth:`compute_scores`. With this one, a per-layer or N:M mask
+        update under FSDP2 gathers one layer's tensors at a time, not every target layer's.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement layer_scores() or compute_scores()")
+
     def compute_scores(self) -> list[torch.Tensor]:
         """Importance of every target weight, one ``[out, in]`` tensor per layer; higher is kept."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_scores()")
+        return [self.layer_scores(layer) for layer in self.layers]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups for tensors this strategy adds (default: none)."""
@@ -205,8 +214,19 @@ class SparsityStrategy(Callback):
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
-        """Recompute every mask to keep the top scores at ``sparsity``."""
-        prune_(self.layers, self.compute_scores(), sparsity, self.pattern, self.pruned_count_rule)
+        """Recompute every mask to keep the top scores at ``sparsity``.
+
+        Per-layer and N:M masks of a method that implements :meth:`layer_scores` are computed one
+        layer at a time, each gathered whole under FSDP2 just for its own mask; a global top-k (or
+        :meth:`compute_scores` overridden) needs every layer's scores at once and gathers them all.
+        """
+        if self.mask_pattern.scope != "global" and not _overrides(self, "compute_scores"):
+            for layer in self.layers:
+                with whole_parameters([layer.layer.module]):
+                    prune_([layer], [self.layer_scores(layer)], sparsity, self.pattern, self.pruned_count_rule)
+        else:
+            with self.whole_layers():
+                prune_(self.layers, self.compute_scores(), sparsity, self.pattern, self.pruned_count_rule)
         self.applied_sparsity = sparsity
         self._masks_stale = False
         self._measure()
@@ -218,9 +238,14 @@ class SparsityStrategy(Callback):
 
     def _refresh_if_stale(self) -> None:
         if self._masks_stale:
-            with self.whole_layers():
+            with self._gathered_unless_base("refresh_masks", "update_masks"):
                 self.refresh_masks()
             self._masks_stale = False
+
+    def _gathered_unless_base(self, *methods: str) -> AbstractContextManager[None]:
+        """:meth:`whole_layers` around a call of ``methods`` that a subclass overrides (what they read
+        is theirs to say); nothing around the base ones, which gather what they read themselves."""
+        return self.whole_layers() if any(_overrides(self, name) for name in methods) else nullcontext()
 
     @contextmanager
     def whole_layers(self) -> Iterator[None]:
@@ -292,7 +317,7 @@ class SparsityStrategy(Callback):
             self.applied_sparsity = sparsity
             self._masks_pending = True
         else:
-            with self.whole_layers():
+            with self._gathered_unless_base("update_masks"):
                 self.update_masks(sparsity)
 
     def on_train_batch_end(
@@ -314,7 +339,7 @@ class SparsityStrategy(Callback):
                 f"{self.final_sparsity}; masks are set to the final sparsity now, with no recovery steps. "
                 "Train longer or raise schedule.final_warmup."
             )
-            with self.whole_layers():
+            with self._gathered_unless_base("update_masks"):
                 self.update_masks(self.final_sparsity)
         self._refresh_if_stale()
 
@@ -368,6 +393,11 @@ class SparsityStrategy(Callback):
             key = keys.get(id(layer.mask))
             if key in saved:
                 saved[key] = layer.mask.detach().clone()
+
+
+def _overrides(strategy: SparsityStrategy, method: str) -> bool:
+    """Whether ``strategy``'s class replaces :class:`SparsityStrategy`'s ``method``."""
+    return getattr(type(strategy), method) is not getattr(SparsityStrategy, method)
 
 
 def _loggers_write_this_step(trainer: Trainer) -> bool:

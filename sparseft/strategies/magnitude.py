@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparseft.sparse.parametrize import SparseLayer
 from sparseft.strategies.base import SparsityStrategy
 from sparseft.strategies.registry import register_strategy
 
@@ -29,5 +30,5 @@ class Magnitude(SparsityStrategy):
         log_layers: log every target layer's sparsity.
     """
 
-    def compute_scores(self) -> list[torch.Tensor]:
-        return [layer.dense().abs() * layer.mask for layer in self.layers]
+    def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
+        return layer.dense().abs() * layer.mask

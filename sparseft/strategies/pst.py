@@ -117,8 +117,8 @@ class PST(SparsityStrategy):
         return [p for layer in self.layers for module in (layer.param.delta, layer.param.score)
                 for p in module.parameters()]
 
-    def compute_scores(self) -> list[torch.Tensor]:
-        return [layer.param.score(layer.dense()) for layer in self.layers]
+    def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
+        return layer.param.score(layer.dense())
 
     def needs_update(self, sparsity: float) -> bool:
         return sparsity > 0 or sparsity != self.applied_sparsity  # scores move every step

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from sparseft.sparse.flops import FlopCount, model_training_flops
+from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.static import (
     PARAMETRIZED_SUFFIX,
@@ -117,10 +118,10 @@ class SPDF(SparsityStrategy):
         return None
 
     # ---- masks ---------------------------------------------------------------------------
-    def compute_scores(self) -> list[torch.Tensor]:
+    def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
         if self.init == "magnitude":
-            return [layer.dense().abs() for layer in self.layers]
-        return [random_scores(self.seed, f"{layer.name}.weight", tuple(layer.mask.shape)) for layer in self.layers]
+            return layer.dense().abs()
+        return random_scores(self.seed, f"{layer.name}.weight", tuple(layer.mask.shape))
 
     def attach(self, model: nn.Module) -> list:
         if self.dense:

@@ -40,9 +40,6 @@ class RandomPruning(SparsityStrategy):
         super().__init__(sparsity, targets, schedule)
         self.seed = seed
 
-    def compute_scores(self) -> list[torch.Tensor]:
-        return [self.layer_scores(layer) for layer in self.layers]
-
     def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
         """Scores of one layer, ``[out, in]``, on the mask's device."""
         # drawn by a CPU generator (the same numbers whatever the device), then moved to the mask's
