@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from sparseft.backbones.loading import load_tokenizer
 from sparseft.cli.command import main
 from sparseft.sparse.masks import pruned_count
+from sparseft.testing.processes import launch_nodes
 from sparseft.training.module import SparseFTModule
 
 SENTENCES = [
@@ -151,23 +152,41 @@ def test_checkpoint_from_another_strategy_is_refused(tiny_bert_dir, sst2_dir, tm
     assert "trained with sparsity strategy 'magnitude', but this run uses none" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
-    root = tmp_path / "ddp"
-    args = fit_args(tiny_bert_dir, sst2_dir, root) + [
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.callbacks+=sparseft.testing.MaskDigest",
-        f"--trainer.callbacks.directory={root}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sparseft", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def ddp_fit_command(model_dir: Path, data_dir: Path, root: Path, *launch: str) -> list[str]:
+    """``sparseft fit`` of :func:`fit_args` (magnitude, 12 steps, masks raised every 2) under DDP;
+    every rank writes a digest of its final masks to ``root``."""
+    args = [*fit_args(model_dir, data_dir, root), "--trainer.strategy=ddp", *launch,
+            "--trainer.callbacks+=sparseft.testing.MaskDigest", f"--trainer.callbacks.directory={root}"]
+    return [sys.executable, "-m", "sparseft", *args]
+
+
+def assert_two_ranks_hold_the_checkpoint_masks(root: Path) -> None:
+    """Ranks 0 and 1 wrote equal mask digests, and rank 0 alone wrote the checkpoints, at 50% sparsity."""
     digests = [(root / f"masks-rank{rank}.txt").read_text() for rank in (0, 1)]
     assert digests[0] == digests[1]
     checkpoints = sorted(root.rglob("*.ckpt"))
     assert [path.name for path in checkpoints] == ["epoch=3-step=12.ckpt", "last.ckpt"]  # once each, by rank 0
     _, strategy = SparseFTModule.from_sparseft_checkpoint(checkpoints[0])
     assert strategy.applied_sparsity == 0.5
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
+    root = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(ddp_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.devices=2"), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_two_ranks_hold_the_checkpoint_masks(root)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
+    """Two launches of one run, as on two machines: ``num_nodes 2``, one process each, node ranks
+    0 and 1, rank 0 listening on 127.0.0.1; magnitude masks chosen from the weights every 2 steps."""
+    root = tmp_path / "nodes"
+    root.mkdir()
+    command = ddp_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.num_nodes=2", "--trainer.devices=1")
+    codes = launch_nodes(command, 2, root)
+    assert codes == [0, 0], "\n".join((root / f"node{rank}.log").read_text()[-3000:] for rank in (0, 1))
+    assert_two_ranks_hold_the_checkpoint_masks(root)

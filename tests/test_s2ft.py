@@ -327,17 +327,11 @@ fit_bert(s2ft, {root!r}, 4, callbacks=[Dump()], strategy="ddp", devices=2, accum
 
 @pytest.mark.slow
 def test_ddp_two_processes_train_the_same_slices_identically(tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    script = tmp_path / "ddp_s2ft.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from sparseft.testing.processes import run_ddp_script
+
+    run_ddp_script(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)), tmp_path)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4
     for name, (index, delta) in ranks[0].items():

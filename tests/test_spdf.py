@@ -3,9 +3,7 @@ phase and the Variable-SPDF switch from zero, kill-and-resume, DDP ranks, FLOP a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.static import random_scores, stored_keep
 from sparseft.strategies import SPDF
 from sparseft.testing import tiny_config
+from sparseft.testing.processes import run_ddp_script
 from sparseft.training.module import SparseFTModule
 
 GPT2 = tiny_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -238,12 +237,18 @@ def test_dense_phase_refuses_a_checkpoint_of_another_model(tmp_path):
         SPDF(phase="dense", checkpoint=str(ckpt)).setup(None, module, "fit")
 
 
-def test_variable_spdf_switches_to_dense_with_zero_optimizer_state(tmp_path):
-    strategy = SPDF(sparsity=0.75, dense_from_step=5)
-    sparse = SPDF(sparsity=0.75)  # the same masks: seeded by parameter name
+def switch_snapshot(step: int, seed: int = 0) -> Snapshot:
+    """A :class:`Snapshot` around a switch at ``step`` of the entries that ``SPDF(sparsity=0.75, seed=seed)``
+    prunes, found on a model of its own: the masks are seeded by parameter name, whatever the weights."""
+    sparse = SPDF(sparsity=0.75, seed=seed)
     sparse.attach(SparseFTModule(config=GPT2, task="causal-lm").model)
     sparse.choose_masks()
-    snapshot = Snapshot(pruned_entries(sparse), 5)
+    return Snapshot(pruned_entries(sparse), step)
+
+
+def test_variable_spdf_switches_to_dense_with_zero_optimizer_state(tmp_path):
+    strategy = SPDF(sparsity=0.75, dense_from_step=5)
+    snapshot = switch_snapshot(5)
     module = fit_gpt2(strategy, tmp_path, 9, callbacks=[snapshot])
     assert snapshot.seen and strategy.switched_at == 5 and strategy.dense and not sparse_layers(module.model)
     assert strategy.flops.reduction == 1.0 and strategy.measured_sparsity() == 0.0
@@ -274,16 +279,26 @@ def test_kill_and_resume_gives_identical_masks_weights_and_optimizer_state(tmp_p
 
 
 DDP_SCRIPT = """
-import sys, torch
+import os, sys
 sys.path.insert(0, {tests!r})
-from test_spdf import fit_gpt2
+from test_spdf import fit_gpt2, switch_snapshot
 from sparseft.strategies import SPDF
-from sparseft.testing import MaskDigest
+from sparseft.testing import MaskDigest, ParameterDigest
 
-rank = int(__import__("os").environ.get("LOCAL_RANK", 0))  # different random weights on each rank at setup
-fit_gpt2(SPDF(sparsity=0.75, seed=7, init={init!r}), {root!r}, 4, callbacks=[MaskDigest({root!r})], init_seed=rank,
-         strategy="ddp", devices=2)
+rank = int(os.environ.get("LOCAL_RANK", 0))  # different random weights on each rank at setup
+callbacks = [MaskDigest({root!r}), ParameterDigest({root!r})]
+if {dense_from_step!r} is not None:  # asserts zero values and moments at the switch on every rank
+    callbacks.append(switch_snapshot({dense_from_step!r}, seed=7))
+fit_gpt2(SPDF(sparsity=0.75, seed=7, init={init!r}, dense_from_step={dense_from_step!r}), {root!r}, {steps},
+         callbacks=callbacks, init_seed=rank, strategy="ddp", devices=2)
 """
+
+
+def run_ddp(root: Path, steps: int = 4, init: str = "random", dense_from_step: int | None = None) -> list[list[str]]:
+    """Train SPDF on 2 gloo ranks (in a script of its own); returns each rank's mask and weight digests."""
+    run_ddp_script(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(root), init=init, steps=steps,
+                                     dense_from_step=dense_from_step), root)
+    return [[(root / f"{kind}-rank{rank}.txt").read_text() for kind in ("masks", "weights")] for rank in (0, 1)]
 
 
 @pytest.mark.slow
@@ -291,11 +306,16 @@ fit_gpt2(SPDF(sparsity=0.75, seed=7, init={init!r}), {root!r}, 4, callbacks=[Mas
 def test_ddp_two_processes_hold_identical_masks(tmp_path, init):
     """Each rank starts from other random weights: random masks agree with no communication (seeded
     by parameter name), magnitude masks because rank 0's are broadcast."""
-    script = tmp_path / "ddp_spdf.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path), init=init))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    digests = [(tmp_path / f"masks-rank{rank}.txt").read_text() for rank in (0, 1)]
-    assert digests[0] == digests[1]
+    (masks0, _), (masks1, _) = run_ddp(tmp_path, init=init)
+    assert masks0 == masks1 != hashlib.sha256().hexdigest()
+
+
+@pytest.mark.slow
+def test_ddp_variable_spdf_switches_to_dense_on_both_ranks(tmp_path):
+    """DDP wrapped the model with the masks among its buffers; at the switch they are removed, and
+    DDP's next forward used to broadcast an empty buffer list and die on both ranks. Now both ranks
+    train on to the end, dense from zero values and zero Adam moments at the switch (the snapshot
+    asserts it on each rank), with no mask left and bitwise identical weights."""
+    (masks0, weights0), (masks1, weights1) = run_ddp(tmp_path, steps=5, dense_from_step=2)
+    assert masks0 == masks1 == hashlib.sha256().hexdigest()  # no mask on either rank
+    assert weights0 == weights1

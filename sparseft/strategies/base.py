@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.masks import CountRule, check_sparsity
@@ -398,6 +399,22 @@ class SparsityStrategy(Callback):
 def _overrides(strategy: SparsityStrategy, method: str) -> bool:
     """Whether ``strategy``'s class replaces :class:`SparsityStrategy`'s ``method``."""
     return getattr(type(strategy), method) is not getattr(SparsityStrategy, method)
+
+
+def refresh_ddp_buffers(trainer: Trainer | None) -> None:
+    """Have DDP collect the model's buffers again after a strategy removed some (SPDF's masks).
+
+    Before every forward, DDP decides to broadcast rank 0's buffers by testing the list it
+    collected last (at wrapping: the masks), then collects the list again and broadcasts it.
+    Once the last buffers are gone, that broadcast gets an empty list and dies on both ranks
+    (``!tensors.empty() INTERNAL ASSERT FAILED`` in ``_sync_buffers``; a GPT-2 has no buffers but
+    the masks). Collecting right after the removal, with the method DDP's own forward uses,
+    makes the next forward skip the broadcast when nothing is left and send what is otherwise.
+    Nothing happens without DDP (one process, or no trainer).
+    """
+    wrapper = getattr(getattr(trainer, "strategy", None), "model", None)
+    if isinstance(wrapper, DistributedDataParallel):
+        wrapper._assign_modules_buffers()
 
 
 def _loggers_write_this_step(trainer: Trainer) -> bool:

@@ -22,7 +22,7 @@ from sparseft.sparse.static import (
     random_scores,
 )
 from sparseft.sparse.targets import TargetSpec
-from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.base import SparsityStrategy, refresh_ddp_buffers
 from sparseft.strategies.registry import register_strategy
 
 Phase = Literal["sparse", "dense"]
@@ -191,6 +191,7 @@ class SPDF(SparsityStrategy):
         self.step = trainer.global_step
         if not self.dense and self.dense_from_step is not None and self.step >= self.dense_from_step:
             self._drop_masks(trainer.optimizers)
+            refresh_ddp_buffers(trainer)  # DDP wrapped the model with the masks as buffers
             self.switched_at = self.step
             rank_zero_info(f"sparseft: SPDF switches to dense training at step {self.step}")
             self._count_flops(trainer, pl_module)

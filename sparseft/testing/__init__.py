@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,31 @@ class MaskDigest(Callback):
         self.directory = directory
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        digest = hashlib.sha256()
-        for sparse in sparse_layers(pl_module.model):
-            digest.update(sparse.name.encode())
-            digest.update(sparse.mask.cpu().numpy().tobytes())
-        path = Path(self.directory) / f"masks-rank{trainer.global_rank}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(digest.hexdigest())
+        masks = ((sparse.name, sparse.mask) for sparse in sparse_layers(pl_module.model))
+        _write_digest(Path(self.directory) / f"masks-rank{trainer.global_rank}.txt", masks)
+
+
+class ParameterDigest(Callback):
+    """Write a SHA-256 of every parameter of the model to ``<directory>/weights-rank<r>.txt`` when
+    training ends: all DDP ranks must hold bitwise identical weights.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _write_digest(Path(self.directory) / f"weights-rank{trainer.global_rank}.txt",
+                      pl_module.model.named_parameters())
+
+
+def _write_digest(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """SHA-256 of the names and bytes of ``tensors``, in order, as hex text at ``path``."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(digest.hexdigest())
 
 
 class StepDelay(Callback):
