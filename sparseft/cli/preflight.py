@@ -7,7 +7,7 @@ behind and costs the tokenization. So the command first checks, in this order, c
 1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
    that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
-2. that ``--ckpt_path`` names an existing file;
+2. that ``--ckpt_path`` names an existing file, or a sharded (FSDP2) checkpoint directory under FSDP2;
 3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
@@ -15,25 +15,32 @@ behind and costs the tokenization. So the command first checks, in this order, c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from sparseft.strategies.base import SparsityStrategy
+from sparseft.training.checkpoint_checks import is_checkpoint_path, is_sharded_checkpoint
 
 # values of --ckpt_path that Lightning resolves itself
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint_path(ckpt_path: str | None) -> None:
-    """Refuse a ``--ckpt_path`` that is not a file."""
+def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer) -> None:
+    """Refuse a ``--ckpt_path`` that is neither a file nor a sharded checkpoint directory, and a sharded
+    one outside FSDP2 (only ``ModelParallelStrategy`` reads its shards)."""
     if ckpt_path is None or ckpt_path in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
         return
-    if not Path(ckpt_path).is_file():
+    if not is_checkpoint_path(ckpt_path):
         raise FileNotFoundError(
             f"--ckpt_path {ckpt_path}: no such file; give a checkpoint written by sparseft fit "
             "(e.g. <default_root_dir>/lightning_logs/version_0/checkpoints/last.ckpt)"
+        )
+    if is_sharded_checkpoint(ckpt_path) and not isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a sharded checkpoint (written under fsdp2): run with --trainer.strategy "
+            "fsdp2, or join its shards into one file first: "
+            f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}"
         )
 
 
@@ -45,6 +52,6 @@ def check_before_run(
         if isinstance(callback, SparsityStrategy) and not callback.layers:
             callback.check_trainer(trainer)
             callback.check_model(model)
-    check_checkpoint_path(ckpt_path)
+    check_checkpoint_path(ckpt_path, trainer)
     if datamodule is not None:
         datamodule.setup(stage)

@@ -30,6 +30,7 @@ from sparseft.export.pretrained import REPORT_FILE
 from sparseft.sparse.layers import find_linear_layers
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.slices import restore_linear_
+from sparseft.training.checkpoint_checks import is_sharded_checkpoint
 from sparseft.training.module import SparseFTModule
 from sparseft.training.plots import heatmap_layers, mask_heatmap, save_png, short_names, sparsity_bar_chart
 from sparseft.training.run_summary import read_training_summary
@@ -140,7 +141,8 @@ def write_figures(layers: list[LayerWeights], output_dir: Path, title: str) -> l
 
 def report_output_dir(source: Path, output_dir: str | None, overwrite: bool) -> Path:
     """``output_dir`` or ``<source>-report`` beside the source; refuse a non-empty one unless ``overwrite``."""
-    default = source.with_name(f"{source.stem if source.is_file() else source.name}-report")
+    checkpoint = source.is_file() or is_sharded_checkpoint(source)
+    default = source.with_name(f"{source.stem if checkpoint else source.name}-report")
     target = Path(output_dir) if output_dir else default
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"{target} exists and is not empty: choose another --output_dir, or pass --overwrite true "
@@ -151,7 +153,8 @@ def report_output_dir(source: Path, output_dir: str | None, overwrite: bool) -> 
 def report_command(argv: list[str]) -> dict[str, Any]:
     """``sparseft report``: print the per-layer sparsity of a checkpoint or export, write its figures."""
     parser = ArgumentParser(prog="sparseft report", description=report_command.__doc__)
-    parser.add_argument("source", type=str, help="a checkpoint written by sparseft fit, or a sparseft export directory")
+    parser.add_argument("source", type=str, help="a checkpoint written by sparseft fit (a file, or a directory "
+                        "under fsdp2), or a sparseft export directory")
     parser.add_argument("--output_dir", type=str, default=None,
                         help="where to write the PNG figures (default: <source>-report beside the source)")
     parser.add_argument("--overwrite", type=bool, default=False, help="write into a non-empty --output_dir")
@@ -160,7 +163,8 @@ def report_command(argv: list[str]) -> dict[str, Any]:
     if not source.exists():
         raise ValueError(f"{source} does not exist: give a .ckpt written by sparseft fit or an export directory")
     output_dir = report_output_dir(source, args.output_dir, args.overwrite)
-    layers, summary = export_layers(source) if source.is_dir() else checkpoint_layers(source)
+    exported = source.is_dir() and not is_sharded_checkpoint(source)
+    layers, summary = export_layers(source) if exported else checkpoint_layers(source)
     strategy = (summary.get("strategy") or {}).get("name", "none")
     dev = summary.get("dev_metric")
     header = f"{source}: strategy {strategy}" + (f"; {dev['name']} {dev['value']:.4f} at step {dev['step']}"

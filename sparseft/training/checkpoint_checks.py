@@ -1,8 +1,13 @@
-"""Refuse, in one line, a checkpoint that is not sparseft's or does not fit the run loading it.
+"""Read a checkpoint, a file or a sharded (FSDP2) directory, and refuse, in one line, one that is not
+sparseft's or does not fit the run loading it.
 
 Without these, ``sparseft export`` on another program's checkpoint fails with
 ``KeyError: 'hyper_parameters'``, and resuming a checkpoint trained with other targets or for
 another task fails with torch's list of every missing key and mismatched size.
+
+Under ``--trainer.strategy fsdp2`` Lightning writes each checkpoint as a directory: every rank's
+shards (``torch.distributed.checkpoint``) and ``meta.pt`` with everything else (hyperparameters,
+callback and strategy state, loops). :func:`load_checkpoint` reads either form as one dictionary.
 """
 
 from __future__ import annotations
@@ -13,18 +18,47 @@ from typing import Any
 
 import torch
 
+#: the file of a sharded checkpoint directory that holds everything but the model and optimizer states
+SHARDED_METADATA_FILE = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint directory written under FSDP2 (shards and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_METADATA_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint file or a sharded checkpoint directory."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+def load_checkpoint(path: str | Path, tensors: bool = True) -> dict[str, Any]:
+    """A checkpoint on the CPU as one dictionary: a ``.ckpt`` file, or a sharded directory with its
+    shards joined into whole tensors (the model's and the optimizer's; the whole state must fit in CPU
+    memory). ``tensors=False`` reads a directory's ``meta.pt`` only and memory-maps a file: for the
+    hyperparameters and strategy settings without reading the weights."""
+    if not is_sharded_checkpoint(path):
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=not tensors)
+    if not tensors:
+        return torch.load(Path(path) / SHARDED_METADATA_FILE, map_location="cpu", weights_only=False)
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    return _load_distributed_checkpoint(Path(path))
+
 
 def read_checkpoint(path: str | Path, required: tuple[str, ...]) -> dict[str, Any]:
-    """Load a checkpoint on the CPU and check it has the ``required`` top-level entries.
+    """Load a checkpoint (file or sharded directory) on the CPU and check it has the ``required``
+    top-level entries.
 
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        FileNotFoundError: ``path`` is neither a file nor a sharded checkpoint directory.
         ValueError: the file is not a PyTorch checkpoint, or lacks a required entry (not sparseft's).
     """
-    if not Path(path).is_file():
+    if not is_checkpoint_path(path):
         raise FileNotFoundError(f"--ckpt_path {path}: no such file; give a checkpoint written by sparseft fit")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path)
     except Exception as error:  # torch raises several types for a file that is no checkpoint
         raise ValueError(
             f"--ckpt_path {path}: not a readable PyTorch checkpoint ({type(error).__name__}); give a .ckpt "

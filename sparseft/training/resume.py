@@ -21,11 +21,11 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparseft.strategies.base import SparsityStrategy
 from sparseft.strategies.registry import build_strategy
+from sparseft.training.checkpoint_checks import is_checkpoint_path, load_checkpoint
 
 #: The options that say which model a checkpoint holds: a different one is another model.
 MODEL_IDENTITY = ("backbone", "config", "tokenizer")
@@ -79,9 +79,9 @@ def merge_model_options(
 def model_options_from_checkpoint(ckpt_path: str | None, user: dict[str, Any], module_class: type) -> dict[str, Any]:
     """The ``model.*`` options of ``module_class`` that a run from ``ckpt_path`` takes from the checkpoint
     (see :func:`merge_model_options`); logs one line naming every option that differs from the checkpoint."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    if not ckpt_path or not is_checkpoint_path(ckpt_path):
         return {}
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint(ckpt_path, tensors=False)
     defaults = {name: parameter.default for name, parameter in inspect.signature(module_class).parameters.items()}
     merged, notes = merge_model_options(user, checkpoint.get("hyper_parameters") or {}, defaults, ckpt_path)
     if notes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from sparseft.training.checkpoint_checks import load_checkpoint
 
 RUN_KEY = "sparseft_run"
 
@@ -43,9 +43,9 @@ def describe_data(datamodule: Any) -> dict[str, Any]:
 def read_training_summary(checkpoint_path: str | Path) -> dict[str, Any]:
     """Backbone, task type, data, optimizer steps and dev metric of the run that wrote a checkpoint.
 
-    The checkpoint is memory-mapped: its tensors are not read.
+    The checkpoint's tensors are not read (a file is memory-mapped, a sharded directory's ``meta.pt`` read).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_checkpoint(checkpoint_path, tensors=False)
     hparams = checkpoint.get("hyper_parameters", {})
     run = checkpoint.get(RUN_KEY, {})
     return {
