@@ -116,7 +116,7 @@ def assert_same_final_checkpoint(expected_root: Path, got_root: Path) -> None:
     """Weights, masks and optimizer state of the two runs' ``last.ckpt``, bitwise."""
     (expected_path,), (got_path,) = expected_root.rglob("last.ckpt"), got_root.rglob("last.ckpt")
     expected, got = torch.load(expected_path, weights_only=False), torch.load(got_path, weights_only=False)
-    assert expected["global_step"] == got["global_step"] == 16
+    assert expected["global_step"] == got["global_step"] == 10
     assert expected["state_dict"].keys() == got["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
@@ -129,7 +129,7 @@ def assert_same_final_checkpoint(expected_root: Path, got_root: Path) -> None:
 
 def kill_and_resume(model_dir: Path, data_dir: Path, tmp_path: Path, options: list[str], kill_after: str) -> None:
     """The uninterrupted run, one SIGKILLed once ``kill_after`` is written, its resume: the same end."""
-    periodic = ["--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
+    periodic = ["--trainer.max_steps=10", "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
                 "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
                 "--trainer.callbacks.filename={step}", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -137,7 +137,7 @@ def kill_and_resume(model_dir: Path, data_dir: Path, tmp_path: Path, options: li
     subprocess.run(fit_command(model_dir, data_dir, straight, *periodic), env=env, check=True,
                    capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    slow = ["--trainer.callbacks+=sparseft.testing.StepDelay", "--trainer.callbacks.seconds=1"]
+    slow = ["--trainer.callbacks+=sparseft.testing.StepDelay", "--trainer.callbacks.seconds=0.5"]
     checkpoint = run_and_kill(fit_command(model_dir, data_dir, killed, *periodic, *slow), kill_after, killed, env)
     resumed = tmp_path / "resumed"
     result = subprocess.run(fit_command(model_dir, data_dir, resumed, *periodic, f"--ckpt_path={checkpoint}"),
@@ -148,12 +148,12 @@ def kill_and_resume(model_dir: Path, data_dir: Path, tmp_path: Path, options: li
 
 @pytest.mark.slow
 def test_two_ddp_processes_killed_mid_epoch_resume_to_the_uninterrupted_run(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
-    """48 examples, 8 a batch, 2 processes: 3 batches an epoch; killed after step 4 (epoch 1, batch 1)."""
+    """48 examples, 8 a batch, 2 processes: 3 batches an epoch; killed after step 4 (epoch 1, batch 1), 10 steps."""
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
     kill_and_resume(tiny_bert_dir, sst2_dir, tmp_path, ddp, "step=4.ckpt")
 
 
 @pytest.mark.slow
 def test_loader_workers_killed_at_an_epoch_end_resume_to_the_uninterrupted_run(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
-    """6 batches an epoch, 2 loader workers; killed after step 6 (epoch 0's last batch)."""
+    """6 batches an epoch, 2 loader workers; killed after step 6 (epoch 0's last batch), 10 steps."""
     kill_and_resume(tiny_bert_dir, sst2_dir, tmp_path, ["--data.num_workers=2"], "step=6.ckpt")
