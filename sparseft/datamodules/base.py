@@ -100,7 +100,7 @@ class TextDataModule(LightningDataModule):
         max_length: longest tokenized input; longer inputs are truncated.
         batch_size: training batch size (per device).
         eval_batch_size: evaluation batch size (default: ``batch_size``).
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes (the training order and a resume do not depend on them).
         max_train_samples: use a random subset of this many training examples (quick runs).
         max_eval_samples: use the first this many evaluation examples (quick runs).
         seed: seed of the training subset choice and of the training shuffle order. The
