@@ -27,7 +27,7 @@ from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sparseft.backbones.loading import load_tokenizer
-from sparseft.datamodules.order import TrainingOrder
+from sparseft.datamodules.order import TrainingLoader, TrainingOrder
 
 
 def logits_to_predictions(logits: torch.Tensor) -> torch.Tensor:
@@ -100,14 +100,15 @@ class TextDataModule(LightningDataModule):
         max_length: longest tokenized input; longer inputs are truncated.
         batch_size: training batch size (per device).
         eval_batch_size: evaluation batch size (default: ``batch_size``).
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes (the training order and a resume do not depend on them).
         max_train_samples: use a random subset of this many training examples (quick runs).
         max_eval_samples: use the first this many evaluation examples (quick runs).
         seed: seed of the training subset choice and of the training shuffle order. The
             order has its own generator, so it is the same for every model and strategy
             (whatever random numbers their setup draws) and for every global seed. Epoch ``e``
-            is shuffled with ``seed + e``; a checkpoint records the position in the epoch, so
-            ``--ckpt_path`` resumes at the next batch (:mod:`sparseft.datamodules.order`).
+            is shuffled with ``seed + e`` and, with several processes, sharded between them; a
+            checkpoint records the position in the epoch, so ``--ckpt_path`` resumes at the next
+            batch on every process (:mod:`sparseft.datamodules.order`).
         predict_split: what ``sparseft predict`` runs on: ``test`` (the task's test set) or
             ``dev`` (the first validation set, labelled: to score the written predictions
             elsewhere). None: ``test`` where the task has a test set, else ``dev``.
@@ -282,10 +283,10 @@ class TextDataModule(LightningDataModule):
         if name not in self.datasets:
             raise RuntimeError(f"dataset {name!r} was not set up; call setup() for its stage first")
         dataset = self.datasets[name]
-        # the order depends on ``seed`` and the epoch only; the loader's own generator (worker seeds)
-        # keeps every loader from drawing on the global generator, which dropout uses
+        # the order depends on ``seed``, the epoch and the process only; the loader's own generator (worker
+        # seeds) keeps every loader from drawing on the global generator, which dropout uses
         sampler = self.training_order.sampler(len(dataset), self.batch_size, self.trainer) if shuffle else None
-        return DataLoader(
+        return (TrainingLoader if shuffle else DataLoader)(
             dataset, batch_size=self.batch_size if shuffle else self.eval_batch_size, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collate, generator=torch.Generator().manual_seed(self.seed),
         )
@@ -295,7 +296,7 @@ class TextDataModule(LightningDataModule):
         return {"training_order": self.training_order.state_dict(self.trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.training_order.load_state_dict(state_dict.get("training_order"))
+        self.training_order.load_state_dict(state_dict.get("training_order"), self.trainer)
 
     def _loaders(self, split: str) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(name, shuffle=False) for name in self.split_names(split)]

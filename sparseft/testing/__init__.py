@@ -151,7 +151,7 @@ class SyntheticClassificationData(LightningDataModule):
         return {"training_order": self.training_order.state_dict(self.trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.training_order.load_state_dict(state_dict.get("training_order"))
+        self.training_order.load_state_dict(state_dict.get("training_order"), self.trainer)
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"accuracy": Accuracy(task="multiclass", num_classes=2)})

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from sparseft.datamodules.base import write_label_tsv
 
@@ -66,16 +68,20 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class RandomState(Callback):
-    """Checkpoint the random generators (torch CPU and CUDA, Python, NumPy), so that dropout after
-    a resume draws exactly what the uninterrupted run drew.
+    """Checkpoint the random generators (torch CPU and CUDA, Python, NumPy) of every process, so that
+    dropout after a resume draws exactly what the uninterrupted run drew, on every process.
 
     The state is captured when the checkpoint is written and put back when training starts, after
     the sanity check and anything else a restart runs before its first step. With several
-    processes the checkpoint holds rank 0's generators and every rank gets them back.
-    ``SparseFTModule.configure_callbacks`` adds it to every run.
+    processes (any strategy that initialises ``torch.distributed``) each process's state is gathered
+    into the checkpoint, which rank 0 writes, and each process gets its own back (processes draw
+    differently, e.g. dropout on batches of different padded lengths); a resume with another number
+    of processes is refused. A checkpoint written before states were kept per process holds one
+    state, which every process gets. ``SparseFTModule.configure_callbacks`` adds it to every run.
 
     Runs on: ``on_train_batch_start`` (a copy, for checkpoints written mid-step by an interrupt),
-    ``state_dict`` (checkpoint save), ``load_state_dict`` (restore), ``on_train_start``.
+    ``state_dict`` (checkpoint save, on every process: Lightning writes checkpoints collectively),
+    ``load_state_dict`` (restore), ``on_train_start``.
     """
 
     def __init__(self) -> None:
@@ -91,32 +97,53 @@ class RandomState(Callback):
 
     @staticmethod
     def capture() -> dict[str, Any]:
+        """This process's generators, as plain types and tensors (checkpoints load with ``weights_only=True``)."""
         name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
         numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
-        # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
         state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The generators now or, for a checkpoint written mid-step (an interrupt), at the step's start:
-        a resume runs that step again and must draw what it drew."""
-        progress = self._trainer.fit_loop.epoch_loop.batch_progress.current if self._trainer else None
-        if progress is not None and progress.started > progress.processed and self._batch_start is not None:
-            return self._batch_start
-        return self.capture()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state, self._pending = self._pending, None
-        if not state:
-            return
+    @staticmethod
+    def restore(state: dict[str, Any]) -> None:
+        """Put back a state :meth:`capture` took."""
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         name, keys, position, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"ranks": [state of process 0, 1, ...]}``: each process's generators now or, for a checkpoint
+        written mid-step (an interrupt), at the step's start: a resume runs that step again and must
+        draw what it drew."""
+        progress = self._trainer.fit_loop.epoch_loop.batch_progress.current if self._trainer else None
+        mid_step = progress is not None and progress.started > progress.processed and self._batch_start is not None
+        local = self._batch_start if mid_step else self.capture()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"ranks": [local]}
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, local)
+        return {"ranks": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's states for ``on_train_start``; when fitting, refuse per-process states of
+        another number of processes (``validate``, ``test`` and ``predict`` never restore them)."""
+        ranks, trainer = state_dict.get("ranks"), self._trainer
+        fitting = trainer is None or trainer.state.fn == TrainerFn.FITTING
+        processes = trainer.world_size if trainer is not None else 1
+        if fitting and ranks is not None and len(ranks) != processes:
+            where = f"--ckpt_path {trainer.ckpt_path}: " if trainer is not None else ""
+            raise ValueError(
+                f"{where}written by {len(ranks)} process(es), this run has {processes}; a resume gives each "
+                f"process its own random generators back, so resume with {len(ranks)} "
+                "(--trainer.devices x --trainer.num_nodes)"
+            )
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state, self._pending = self._pending, None
+        if state:
+            self.restore(state["ranks"][trainer.global_rank] if "ranks" in state else state)
