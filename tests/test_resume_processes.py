@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from sparseft.datamodules.order import EpochShuffleSampler, TrainingLoader, TrainingOrder
 from sparseft.training.callbacks import RandomState
+from sparseft.training.checkpoint_checks import is_checkpoint_path, load_checkpoint
 from tests.test_checkpointing import fit_command
 from tests.test_cli import sst2_dir  # noqa: F401  (fixture)
 
@@ -99,12 +100,13 @@ def test_with_workers_the_sampler_is_read_at_the_first_batch_not_at_iter():
 
 
 def run_and_kill(command: list[str], marker: str, root: Path, env: dict[str, str]) -> Path:
-    """Start ``command`` in its own process group; once ``marker`` is written under ``root``, SIGKILL the
-    group (every rank and loader worker) and return the checkpoint."""
+    """Start ``command`` in its own process group; once the checkpoint ``marker`` is written whole under
+    ``root`` (a file, or a sharded directory with its ``meta.pt``), SIGKILL the group (every rank and
+    loader worker) and return the checkpoint."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 600
-    while not list(root.rglob(marker)) and process.poll() is None and time.time() < deadline:
+    while not any(map(is_checkpoint_path, root.rglob(marker))) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run should have been killed before it ended"
@@ -112,19 +114,26 @@ def run_and_kill(command: list[str], marker: str, root: Path, env: dict[str, str
     return checkpoint
 
 
+def optimizer_tensors(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer's state, by its path: a file's ``optimizer_states[0]`` (keyed by
+    parameter index) or a sharded checkpoint's ``optimizer_0`` (keyed by parameter name)."""
+    optimizer = checkpoint["optimizer_states"][0] if "optimizer_states" in checkpoint else checkpoint["optimizer_0"]
+    state = optimizer["state"]
+    return {f"{key}/{name}": torch.as_tensor(value) for key, values in state.items() for name, value in values.items()}
+
+
 def assert_same_final_checkpoint(expected_root: Path, got_root: Path) -> None:
-    """Weights, masks and optimizer state of the two runs' ``last.ckpt``, bitwise."""
+    """Weights, masks and optimizer state of the two runs' ``last.ckpt`` (files or sharded), bitwise."""
     (expected_path,), (got_path,) = expected_root.rglob("last.ckpt"), got_root.rglob("last.ckpt")
-    expected, got = torch.load(expected_path, weights_only=False), torch.load(got_path, weights_only=False)
+    expected, got = load_checkpoint(expected_path), load_checkpoint(got_path)
     assert expected["global_step"] == got["global_step"] == 10
     assert expected["state_dict"].keys() == got["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
-    (optimizer,), (resumed,) = expected["optimizer_states"], got["optimizer_states"]
-    assert optimizer["state"].keys() == resumed["state"].keys() and optimizer["state"]
-    for index, state in optimizer["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["state"][index][name])), (index, name)
+    optimizer, resumed = optimizer_tensors(expected), optimizer_tensors(got)
+    assert optimizer.keys() == resumed.keys() and optimizer
+    for key, value in optimizer.items():
+        assert torch.equal(value, resumed[key]), key
 
 
 def kill_and_resume(model_dir: Path, data_dir: Path, tmp_path: Path, options: list[str], kill_after: str) -> None:
@@ -151,6 +160,13 @@ def test_two_ddp_processes_killed_mid_epoch_resume_to_the_uninterrupted_run(tiny
     """48 examples, 8 a batch, 2 processes: 3 batches an epoch; killed after step 4 (epoch 1, batch 1), 10 steps."""
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
     kill_and_resume(tiny_bert_dir, sst2_dir, tmp_path, ddp, "step=4.ckpt")
+
+
+@pytest.mark.slow
+def test_two_fsdp2_processes_killed_mid_epoch_resume_to_the_uninterrupted_run(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """The DDP case under FSDP2: sharded checkpoint directories, each rank restoring its shards."""
+    fsdp2 = ["--trainer.strategy=fsdp2", "--trainer.devices=2"]
+    kill_and_resume(tiny_bert_dir, sst2_dir, tmp_path, fsdp2, "step=4.ckpt")
 
 
 @pytest.mark.slow
