@@ -76,18 +76,24 @@ def _sparsity_parser() -> ArgumentParser:
     return parser
 
 
-def tiny_module() -> SparseFTModule:
-    """A 2-layer random BERT classifier without dropout, the same for every seed-0 run."""
+def tiny_module(model_type: str = "bert") -> SparseFTModule:
+    """A 2-layer random ``model_type`` classifier (:func:`~sparseft.testing.tiny_config`) without dropout,
+    the same for every seed-0 run."""
     torch.manual_seed(0)
-    config = tiny_config("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    # no dropout; GPT-2 and LLaMA classify at the last token that is not padding, so they need a pad id
+    overrides = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                 "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=1),
+                 "llama": dict(pad_token_id=1)}
+    config = tiny_config(model_type, **overrides.get(model_type, {}))
     return SparseFTModule(config=config, num_labels=2, learning_rate=1e-3)
 
 
 def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None,
-        trainer_strategy: str = "auto", **trainer_kwargs: Any) -> tuple[Trainer, SparseFTModule]:
+        trainer_strategy: str = "auto", model_type: str = "bert", **trainer_kwargs: Any
+        ) -> tuple[Trainer, SparseFTModule]:
     """Train :func:`tiny_module` with ``strategy`` on 32 synthetic examples (4 batches per epoch, over all
     processes), under Lightning's ``trainer_strategy``."""
-    module = tiny_module()
+    module = tiny_module(model_type)
     trainer = Trainer(
         max_steps=max_steps, accelerator="cpu", devices=trainer_kwargs.pop("devices", 1),
         logger=trainer_kwargs.pop("logger", False),
@@ -257,7 +263,7 @@ def check_export(strategy: SparsityStrategy, root: Path) -> None:
 _FSDP2_SCRIPT = """
 import json, sys
 from sparseft.testing.conformance import fsdp2_and_ddp_runs
-fsdp2_and_ddp_runs(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])
+fsdp2_and_ddp_runs(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4])
 """
 
 
@@ -267,7 +273,7 @@ def whole_state(module: nn.Module) -> dict[str, torch.Tensor]:
         return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str) -> None:
+def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, model_type: str = "bert") -> None:
     """In each of 2 processes: :func:`fit` under DDP, then under FSDP2, the strategy built afresh from
     ``init_args`` each time; each rank saves both models' whole state to ``root``. Run it as a script
     (Lightning starts the second process by running the script again)."""
@@ -276,21 +282,22 @@ def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str) ->
     for trainer_strategy in ("ddp", "fsdp2"):
         strategy = build_from_config(strategy_class, init_args)
         trainer, module = fit(strategy, Path(root) / trainer_strategy, devices=2,
-                              trainer_strategy=trainer_strategy)
+                              trainer_strategy=trainer_strategy, model_type=model_type)
         torch.save(whole_state(module.model), Path(root) / f"{trainer_strategy}-rank{trainer.global_rank}.pt")
 
 
-def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any], root: Path) -> None:
+def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any], root: Path,
+                model_type: str = "bert") -> None:
     """Under FSDP2 (2 CPU processes, gloo) the strategy gives the masks of the same run under DDP, bit for
-    bit on both ranks, and weights within :data:`FSDP2_WEIGHT_TOLERANCE`; or, with settings that
-    :meth:`~SparsityStrategy.fsdp2_refusal` refuses, it names the reason before training."""
+    bit on both ranks, and weights within :data:`FSDP2_WEIGHT_TOLERANCE`, on a tiny ``model_type``
+    backbone; settings that :meth:`~SparsityStrategy.fsdp2_refusal` refuses are skipped (refused at start)."""
     if build_from_config(strategy_class, init_args).fsdp2_refusal():
         pytest.skip("these settings are refused under FSDP2 (fsdp2_refusal)")
     script = root / "fsdp2_and_ddp.py"
     script.write_text(_FSDP2_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     result = subprocess.run([sys.executable, str(script), _class_path(strategy_class), json.dumps(init_args),
-                             str(root)], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+                             str(root), model_type], env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     reference = torch.load(root / "ddp-rank0.pt")
     for run in ("ddp-rank1", "fsdp2-rank0", "fsdp2-rank1"):

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from transformers.pytorch_utils import Conv1D
 
 FSDP2_NAME = "fsdp2"
 
@@ -44,22 +45,20 @@ StrategyRegistry.register(FSDP2_NAME, FSDP2Strategy, description="FSDP2 (fully_s
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The backbone's transformer blocks: modules of the classes it names in ``_no_split_modules``
-    (GPT-2's ``GPT2Block``, LLaMA's ``LlamaDecoderLayer``), else the entries of the outermost
-    ``ModuleList`` that hold linear layers (BERT's ``encoder.layer``)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    if names:
-        return [module for module in model.modules() if type(module).__name__ in names]
+    """The backbone's transformer blocks: the entries of the outermost ``ModuleList`` s that hold linear
+    layers (BERT's ``encoder.layer``, GPT-2's ``h``, LLaMA's ``layers``), of the classes the backbone
+    names in ``_no_split_modules`` where it names any of them (``GPT2Block``, ``LlamaDecoderLayer``;
+    BERT also names its embeddings, which stay with the root)."""
     blocks: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside or not isinstance(module, nn.ModuleList):
             continue
-        holding = [child for child in module if any(isinstance(m, nn.Linear) for m in child.modules())]
-        if holding:
-            blocks.extend(holding)
-            inside.update(id(m) for child in holding for m in child.modules())
-    return blocks
+        holding = [child for child in module if any(isinstance(m, nn.Linear | Conv1D) for m in child.modules())]
+        blocks.extend(holding)
+        inside.update(id(m) for child in holding for m in child.modules())
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    return [block for block in blocks if type(block).__name__ in named] or blocks
 
 
 def shard_backbone_(model: nn.Module, mesh: DeviceMesh) -> int:

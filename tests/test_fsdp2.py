@@ -1,0 +1,120 @@
+"""FSDP2 (``--trainer.strategy fsdp2``) beyond the conformance suite's tiny BERT: GPT-2's fused ``qkv``
+and LLaMA's grouped-query attention, a global top-k, which blocks are sharded, what is refused, and
+that ``export`` and ``report`` read a sharded checkpoint into the model the same run under DDP gives.
+
+Every multi-process test runs 2 CPU processes over gloo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from sparseft.backbones import build_config, load_backbone
+from sparseft.cli.command import main
+from sparseft.cli.report import report_command
+from sparseft.strategies import Magnitude, Movement
+from sparseft.testing import tiny_config
+from sparseft.testing.conformance import check_fsdp2
+from sparseft.training.checkpoint_checks import is_sharded_checkpoint
+from sparseft.training.sharding import FSDP2Strategy, transformer_blocks
+from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("model_type, blocks", [("bert", "BertLayer"), ("gpt2", "GPT2Block"),
+                                                ("llama", "LlamaDecoderLayer")])
+def test_the_blocks_sharded_are_the_backbones_transformer_blocks(model_type, blocks):
+    task = "sequence-classification" if model_type == "bert" else "causal-lm"
+    model = load_backbone(task, config=build_config(tiny_config(model_type), task, 2), num_labels=2)
+    found = transformer_blocks(model)
+    assert [type(block).__name__ for block in found] == [blocks, blocks]
+
+
+def test_fsdp2_is_a_registered_trainer_strategy_over_every_process():
+    trainer = Trainer(strategy="fsdp2", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy) and isinstance(trainer.strategy, ModelParallelStrategy)
+    assert trainer.strategy._tensor_parallel_size == 1
+
+
+def test_settings_that_cannot_shard_are_refused_in_one_line_before_training():
+    trainer = Trainer(strategy="fsdp2", accelerator="cpu", devices=1, logger=False)
+    soft = Movement(sparsity=0.5, variant="soft", final_threshold=0.1)
+    if soft.fsdp2_refusal() is None:
+        pytest.skip("the soft variant shards now")
+    with pytest.raises(ValueError, match=r"^--trainer.strategy fsdp2 with sparsity strategy 'movement': the soft"):
+        soft.check_trainer(trainer)
+    Magnitude(sparsity=0.5).check_trainer(trainer)  # nothing to refuse
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, strategy, init_args", [
+    ("gpt2", "sparseft.strategies.PST", dict(sparsity=0.8, learning_rate=1e-2,
+                                              schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3))),
+    ("llama", "sparseft.strategies.Magnitude", dict(sparsity=0.6, pattern="global",
+                                                    schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3))),
+    ("llama", "sparseft.strategies.S2FT", dict(sparsity=0.75, allocation="layer", learning_rate=1e-2)),
+    ("llama", "sparseft.strategies.Movement", dict(sparsity=0.5, pattern="2:4", schedule=dict(
+        kind="cubic", initial_warmup=0.1, final_warmup=0.3))),
+], ids=["gpt2-pst", "llama-magnitude-global", "llama-s2ft-gqa", "llama-movement-2:4"])
+def test_gpt2_and_llama_under_fsdp2_give_the_masks_and_weights_of_ddp(model_type, strategy, init_args, tmp_path):
+    module_name, _, class_name = strategy.rpartition(".")
+    strategy_class = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    check_fsdp2(strategy_class, init_args, tmp_path, model_type)
+
+
+def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, *extra: str) -> Path:
+    """``sparseft fit`` on 2 CPU processes under ``strategy``; returns its ``last.ckpt``."""
+    args = [a for a in fit_args(model_dir, data_dir, root, *extra) if not a.startswith("--trainer.max_steps")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "sparseft", *args, "--trainer.max_steps=6",
+                             f"--trainer.strategy={strategy}", "--trainer.devices=2"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (last,) = root.rglob("last.ckpt")
+    return last
+
+
+@pytest.mark.slow
+def test_export_and_report_of_a_sharded_checkpoint_are_the_ddp_runs(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    ddp = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "ddp", "ddp")
+    fsdp2 = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "fsdp2", "fsdp2")
+    assert ddp.is_file() and is_sharded_checkpoint(fsdp2)
+    inputs = {"input_ids": torch.tensor([[2, 17, 40, 99, 3], [2, 250, 31, 3, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    logits = {}
+    for name, checkpoint in (("ddp", ddp), ("fsdp2", fsdp2)):
+        for weight_format in ("dense", "compressed"):
+            output = tmp_path / f"{name}-{weight_format}"
+            main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={output}", f"--format={weight_format}"])
+            model = AutoModelForSequenceClassification.from_pretrained(output, trust_remote_code=True).eval()
+            with torch.no_grad():
+                logits[name, weight_format] = model(**inputs).logits
+    for key, value in logits.items():
+        torch.testing.assert_close(value, logits["ddp", "dense"], rtol=0, atol=1e-5, msg=lambda text, key=key: f"{key}")
+    reports = {name: report_command([str(checkpoint), f"--output_dir={tmp_path / name}-report"])
+               for name, checkpoint in (("ddp", ddp), ("fsdp2", fsdp2))}
+    assert reports["fsdp2"]["table"] == reports["ddp"]["table"].replace(str(ddp), str(fsdp2))
+    assert "50.00%" in reports["fsdp2"]["table"]
+
+
+@pytest.mark.slow
+def test_s2ft_adapter_of_a_sharded_checkpoint_is_the_ddp_runs(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    s2ft = ["--sparsity=s2ft", "--sparsity.sparsity=0.75", "--sparsity.allocation=layer"]
+    adapters = {}
+    for name in ("ddp", "fsdp2"):
+        checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / name, name, *s2ft)
+        adapter = tmp_path / f"{name}.safetensors"
+        main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / name}-export",
+              f"--adapter_path={adapter}"])
+        adapters[name] = load_file(adapter)
+    assert adapters["ddp"].keys() == adapters["fsdp2"].keys() and adapters["ddp"]
+    for key, value in adapters["ddp"].items():
+        torch.testing.assert_close(adapters["fsdp2"][key], value, rtol=0, atol=1e-5, msg=lambda text, key=key: key)
