@@ -354,15 +354,17 @@ def variable_spdf_runs(root: str) -> None:
     """On each of 2 ranks: the Variable-SPDF run under DDP and under FSDP2 (which writes a sharded
     checkpoint after the switch), then the FSDP2 run resumed from that checkpoint; whole states saved."""
     checkpoint = Path(root) / "after-switch"
+    checks: list[NothingMaskedAfterSwitch] = []
 
     def callbacks(strategy: SPDF, trainer_strategy: str) -> list[Callback]:
-        saver = [SaveAt(SAVED_AT, checkpoint)] if trainer_strategy == "fsdp2" else []
-        return [NothingMaskedAfterSwitch(strategy), *saver]
+        checks.append(NothingMaskedAfterSwitch(strategy))
+        return [checks[-1], *([SaveAt(SAVED_AT, checkpoint)] if trainer_strategy == "fsdp2" else [])]
 
     fsdp2_and_ddp_runs("sparseft.strategies.SPDF", VARIABLE, root, callbacks)
     resumed = build_from_config(SPDF, VARIABLE)
     fit_and_save_state(resumed, Path(root), "resumed", "fsdp2", ckpt_path=str(checkpoint),
-                       callbacks=[NothingMaskedAfterSwitch(resumed)])
+                       callbacks=callbacks(resumed, "resumed"))
+    assert [check.checked for check in checks] == [8, 8, 6]  # the steps after the switch, each run
 
 
 def plain_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
