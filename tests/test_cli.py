@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForSequenceClassification
 
 from sparseft.backbones.loading import load_tokenizer
 from sparseft.cli.command import main
 from sparseft.sparse.masks import pruned_count
+from sparseft.testing import tensor_digest
 from sparseft.testing.processes import launch_nodes
 from sparseft.training.module import SparseFTModule
 
@@ -152,41 +154,61 @@ def test_checkpoint_from_another_strategy_is_refused(tiny_bert_dir, sst2_dir, tm
     assert "trained with sparsity strategy 'magnitude', but this run uses none" in capsys.readouterr().err
 
 
-def ddp_fit_command(model_dir: Path, data_dir: Path, root: Path, *launch: str) -> list[str]:
-    """``sparseft fit`` of :func:`fit_args` (magnitude, 12 steps, masks raised every 2) under DDP;
-    every rank writes a digest of its final masks to ``root``."""
-    args = [*fit_args(model_dir, data_dir, root), "--trainer.strategy=ddp", *launch,
+def multi_process_fit_command(model_dir: Path, data_dir: Path, root: Path, *launch: str,
+                              strategy: str = "ddp") -> list[str]:
+    """``sparseft fit`` of :func:`fit_args` (magnitude, 12 steps, masks raised every 2) under the trainer
+    ``strategy`` (DDP or FSDP2); every rank writes a digest of its final masks to ``root``."""
+    args = [*fit_args(model_dir, data_dir, root), f"--trainer.strategy={strategy}", *launch,
             "--trainer.callbacks+=sparseft.testing.MaskDigest", f"--trainer.callbacks.directory={root}"]
     return [sys.executable, "-m", "sparseft", *args]
 
 
-def assert_two_ranks_hold_the_checkpoint_masks(root: Path) -> None:
-    """Ranks 0 and 1 wrote equal mask digests, and rank 0 alone wrote the checkpoints, at 50% sparsity."""
+def read_checkpoint_anywhere(path: Path, scratch: Path) -> dict:
+    """A checkpoint as one dict: a file (DDP, one process), or FSDP2's directory (a distributed checkpoint:
+    every rank's shards of the tensors, consolidated through ``scratch``, and ``meta.pt``, the rest)."""
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    dcp_to_torch_save(path, scratch)
+    return {**torch.load(path / "meta.pt", weights_only=False), **torch.load(scratch, weights_only=False)}
+
+
+def assert_two_ranks_hold_the_checkpoint_masks(root: Path, strategy: str = "ddp") -> None:
+    """Ranks 0 and 1 wrote equal mask digests, the last checkpoint holds those very masks at 50%
+    sparsity, and it was written once: by rank 0 alone under DDP, as one shard per rank under FSDP2."""
     digests = [(root / f"masks-rank{rank}.txt").read_text() for rank in (0, 1)]
     assert digests[0] == digests[1]
     checkpoints = sorted(root.rglob("*.ckpt"))
-    assert [path.name for path in checkpoints] == ["epoch=3-step=12.ckpt", "last.ckpt"]  # once each, by rank 0
-    _, strategy = SparseFTModule.from_sparseft_checkpoint(checkpoints[0])
-    assert strategy.applied_sparsity == 0.5
+    assert [path.name for path in checkpoints] == ["epoch=3-step=12.ckpt", "last.ckpt"]  # once each
+    shards = [sorted(shard.name for shard in path.glob("*.distcp")) for path in checkpoints]
+    assert shards == 2 * [["__0_0.distcp", "__1_0.distcp"] if strategy == "fsdp2" else []]
+    checkpoint = read_checkpoint_anywhere(checkpoints[0], root / "consolidated.pt")
+    suffix = ".parametrizations.weight.0.mask"
+    masks = [(key[len("model."):-len(suffix)], value) for key, value in checkpoint["state_dict"].items()
+             if key.endswith(suffix)]
+    assert len(masks) == 12 and tensor_digest(masks) == digests[0]
+    (state,) = [state for state in checkpoint["callbacks"].values() if state.get("strategy") == "magnitude"]
+    assert state["applied_sparsity"] == 0.5 and all(mask.float().mean() == 0.5 for _, mask in masks)
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
     root = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(ddp_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.devices=2"), env=env,
+    result = subprocess.run(multi_process_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.devices=2"), env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_two_ranks_hold_the_checkpoint_masks(root)
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_nodes_on_loopback_have_identical_masks(tiny_bert_dir, sst2_dir, tmp_path, strategy):
     """Two launches of one run, as on two machines: ``num_nodes 2``, one process each, node ranks
     0 and 1, rank 0 listening on 127.0.0.1; magnitude masks chosen from the weights every 2 steps."""
     root = tmp_path / "nodes"
     root.mkdir()
-    command = ddp_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.num_nodes=2", "--trainer.devices=1")
+    command = multi_process_fit_command(tiny_bert_dir, sst2_dir, root, "--trainer.num_nodes=2", "--trainer.devices=1",
+                              strategy=strategy)
     codes = launch_nodes(command, 2, root)
     assert codes == [0, 0], "\n".join((root / f"node{rank}.log").read_text()[-3000:] for rank in (0, 1))
-    assert_two_ranks_hold_the_checkpoint_masks(root)
+    assert_two_ranks_hold_the_checkpoint_masks(root, strategy)

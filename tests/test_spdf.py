@@ -1,5 +1,6 @@
 """SPDF: exact static masks, pruned weights / gradients / Adam moments exactly zero, the dense
-phase and the Variable-SPDF switch from zero, kill-and-resume, DDP ranks, FLOP accounting."""
+phase and the Variable-SPDF switch from zero, kill-and-resume, DDP ranks, the switch under FSDP2,
+FLOP accounting."""
 
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification
 
+from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.flops import TransformerShape, flop_reduction, model_training_flops
 from sparseft.sparse.masks import pruned_count
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.prune import prune_, sparsify
-from sparseft.sparse.static import random_scores, stored_keep
+from sparseft.sparse.static import PARAMETRIZED_SUFFIX, random_scores, stored_keep
 from sparseft.strategies import SPDF
 from sparseft.testing import tiny_config
+from sparseft.testing.conformance import (
+    SaveAt,
+    assert_states_match,
+    build_from_config,
+    fit_and_save_state,
+    fsdp2_and_ddp_runs,
+    tiny_module,
+)
 from sparseft.testing.processes import run_ddp_script
 from sparseft.training.module import SparseFTModule
 
@@ -254,15 +265,6 @@ def test_variable_spdf_switches_to_dense_with_zero_optimizer_state(tmp_path):
     assert strategy.flops.reduction == 1.0 and strategy.measured_sparsity() == 0.0
 
 
-class SaveAt(Callback):
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-
-
 @pytest.mark.parametrize("dense_from_step, saved_at", [(None, 4), (6, 4), (2, 4)],
                          ids=["sparse", "across-the-switch", "after-the-switch"])
 def test_kill_and_resume_gives_identical_masks_weights_and_optimizer_state(tmp_path, dense_from_step, saved_at):
@@ -319,3 +321,83 @@ def test_ddp_variable_spdf_switches_to_dense_on_both_ranks(tmp_path):
     (masks0, weights0), (masks1, weights1) = run_ddp(tmp_path, steps=5, dense_from_step=2)
     assert masks0 == masks1 == hashlib.sha256().hexdigest()  # no mask on either rank
     assert weights0 == weights1
+
+
+# ---- Variable SPDF under FSDP2 ------------------------------------------------------------------
+#: the conformance runs' SPDF (10 steps; 2 ranks, 2 steps per epoch) switching to dense at step 2
+VARIABLE = dict(sparsity=0.75, seed=3, dense_from_step=2)
+SAVED_AT = 4  # after the switch, on an epoch boundary
+
+FSDP2_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_spdf import variable_spdf_runs
+variable_spdf_runs({root!r})
+"""
+
+
+class NothingMaskedAfterSwitch(Callback):
+    """From the switch on, the strategy masks nothing: no layers of its own, and every mask left on
+    the model (FSDP2 keeps the parametrizations) keeps every weight."""
+
+    def __init__(self, strategy: SPDF) -> None:
+        self.strategy, self.checked = strategy, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > VARIABLE["dense_from_step"]:
+            assert self.strategy.dense and not self.strategy.layers
+            assert all(layer.mask.all() for layer in sparse_layers(pl_module.model))
+            self.checked += 1
+
+
+def variable_spdf_runs(root: str) -> None:
+    """On each of 2 ranks: the Variable-SPDF run under DDP and under FSDP2 (which writes a sharded
+    checkpoint after the switch), then the FSDP2 run resumed from that checkpoint; whole states saved."""
+    checkpoint = Path(root) / "after-switch"
+    checks: list[NothingMaskedAfterSwitch] = []
+
+    def callbacks(strategy: SPDF, trainer_strategy: str) -> list[Callback]:
+        checks.append(NothingMaskedAfterSwitch(strategy))
+        return [checks[-1], *([SaveAt(SAVED_AT, checkpoint)] if trainer_strategy == "fsdp2" else [])]
+
+    fsdp2_and_ddp_runs("sparseft.strategies.SPDF", VARIABLE, root, callbacks=callbacks)
+    resumed = build_from_config(SPDF, VARIABLE)
+    fit_and_save_state(resumed, Path(root), "resumed", "fsdp2", ckpt_path=str(checkpoint),
+                       callbacks=callbacks(resumed, "resumed"))
+    assert [check.checked for check in checks] == [8, 8, 6]  # the steps after the switch, each run
+
+
+def plain_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state whose masks all keep every weight, as plain weights: ``<layer>.weight`` for each
+    ``<layer>.parametrizations.weight.original``, the masks left out."""
+    plain = {}
+    for key, value in state.items():
+        if key.endswith(PARAMETRIZED_SUFFIX):
+            plain[key[: -len(PARAMETRIZED_SUFFIX)] + ".weight"] = value
+        elif value.dtype == torch.bool:
+            assert value.all(), key
+        else:
+            plain[key] = value
+    return plain
+
+
+@pytest.mark.slow
+def test_fsdp2_variable_spdf_trains_as_ddp_and_resumes_and_exports_after_the_switch(tmp_path):
+    """Under FSDP2 the switch keeps the parametrizations (FSDP2 holds W0 in them) with all-ones masks:
+    both ranks end with DDP's weights (masks kept nothing out after the switch), so do the run resumed
+    from a sharded checkpoint written after the switch, and the final state rebuilds and exports as
+    plain weights, as ``sparseft export`` does it (attach, load, ``dense: True``)."""
+    run_ddp_script(FSDP2_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)), tmp_path)
+    reference = torch.load(tmp_path / "ddp-rank0.pt")
+    assert not any(key.endswith(PARAMETRIZED_SUFFIX) for key in reference)  # DDP removed the masks
+    runs = [f"{run}-rank{rank}" for run in ("ddp", "fsdp2", "resumed") for rank in (0, 1)][1:]
+    states = {run: torch.load(tmp_path / f"{run}.pt") for run in runs}
+    assert all(any(key.endswith(PARAMETRIZED_SUFFIX) for key in states[run]) for run in runs[1:])
+    assert_states_match(reference, {run: plain_weights(state) for run, state in states.items()})
+    module, strategy = tiny_module(), build_from_config(SPDF, VARIABLE)
+    strategy.attach(module.model)
+    module.model.load_state_dict(states["resumed-rank0"])
+    strategy.load_state_dict({**strategy.state_dict(), "dense": True})
+    export_pretrained(module.model, tmp_path / "exported")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    assert_states_match(reference, {"exported": {key: plain.state_dict()[key] for key in reference}})

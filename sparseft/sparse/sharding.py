@@ -12,6 +12,8 @@ every mask, one byte per weight). So:
   are the ones an unsharded model gives, bit for bit, on every rank;
 * :func:`masked_fill_local_` applies a whole mask to a sharded tensor (a gradient, a weight, an
   optimizer moment) on the rows this rank holds, with no communication.
+* :func:`total` sums a whole or sharded tensor into a plain one, differentiably: a loss term on
+  parameters outside the forward (movement's penalty on its scores) is then the same on every rank.
 
 Plain PyTorch; on a model that is not sharded both do what the unsharded code does.
 """
@@ -78,3 +80,17 @@ def masked_fill_local_(target: torch.Tensor, keep: torch.Tensor, value: float = 
         target.to_local().masked_fill_(~local_rows(keep, target), value)
     else:
         target.masked_fill_(~keep, value)
+
+
+def total(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of every entry of ``tensor``, whole or sharded, as a plain 0-d tensor equal on every rank.
+
+    For a DTensor this rank sums its shard and an all-reduce adds the others (a collective: every
+    rank calls it). Autograd goes back through it to this rank's shard only, undivided: added to
+    each rank's loss, the term's gradient on every shard is the one one process computes on the
+    whole tensor. That is what DDP's averaging of every rank's identical term's gradient gives too,
+    while FSDP2 averages only the gradients of the forward (reduce-scatter) and adds this one to
+    the sharded parameter's gradient as it is.
+    """
+    summed = tensor.sum()
+    return summed.full_tensor() if is_sharded(summed) else summed

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from sparseft.sparse.layers import as_out_in
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import sparsify
-from sparseft.sparse.sharding import masked_fill_local_
+from sparseft.sparse.sharding import is_sharded, masked_fill_local_
 
 PARAMETRIZED_SUFFIX = ".parametrizations.weight.original"
 
@@ -81,10 +81,20 @@ def densify_(layers: list[SparseLayer]) -> None:
 
     The parameter object is kept (``leave_parametrized=False`` re-registers ``W0`` itself), so an
     optimizer and DDP that hold it keep working; the pruned entries restart from 0.
+
+    Under FSDP2 (``W0`` sharded) the parametrization stays and its mask becomes all ones instead:
+    FSDP2 registered ``W0`` as the parametrization's ``original`` and gathers it there for every
+    forward, so removing the parametrization would leave the layer's weight out of the gathers.
+    ``where(1, W0, 0)`` is ``W0`` bit for bit and so is its gradient, so training is dense all the
+    same; the checkpoint keeps the all-ones masks, which merge (export) and a resume handle as any mask.
     """
     for layer in layers:
-        layer.stored_weight.masked_fill_(~stored_keep(layer), 0.0)
-        parametrize.remove_parametrizations(layer.layer.module, "weight", leave_parametrized=False)
+        weight, keep = layer.stored_weight, stored_keep(layer)
+        masked_fill_local_(weight, keep)
+        if is_sharded(weight):
+            layer.set_mask_(torch.ones_like(layer.mask))
+        else:
+            parametrize.remove_parametrizations(layer.layer.module, "weight", leave_parametrized=False)
 
 
 def sparse_names(state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -14,6 +14,7 @@ from sparseft.sparse.masks import global_topk_masks, threshold_mask
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores, ScoreInit
+from sparseft.sparse.sharding import total
 from sparseft.sparse.targets import TargetSpec
 from sparseft.strategies.base import SparsityStrategy
 from sparseft.strategies.registry import register_strategy
@@ -118,12 +119,6 @@ class Movement(SparsityStrategy):
             freeze_embeddings_(model)
         return super().attach(model)
 
-    def fsdp2_refusal(self) -> str | None:
-        if self.variant == "soft":
-            return ("the soft variant's penalty on sigmoid(S) is computed outside the forward, from scores FSDP2 "
-                    "holds as shards; use --sparsity.variant hard (top-k), or --trainer.strategy ddp")
-        return None
-
     def scores(self) -> list[torch.Tensor]:
         return [layer.param.score.scores for layer in self.layers]
 
@@ -143,10 +138,14 @@ class Movement(SparsityStrategy):
         return self.final_threshold * shaped
 
     def loss_term(self) -> torch.Tensor | None:
-        """Soft variant: ``λ_t · mean over matrices of mean σ(S)`` (emmental's l1 regulariser)."""
+        """Soft variant: ``λ_t · mean over matrices of mean σ(S)`` (emmental's l1 regulariser).
+
+        Under FSDP2 the scores are shards here, outside the forward: each matrix's sum is taken over
+        every rank's shard (:func:`~sparseft.sparse.sharding.total`), so the penalty and its gradient
+        are DDP's."""
         if self.variant != "soft" or self.final_lambda == 0.0:
             return None
-        penalty = torch.stack([torch.sigmoid(score).mean() for score in self.scores()]).mean()
+        penalty = torch.stack([total(torch.sigmoid(score)) / score.numel() for score in self.scores()]).mean()
         return self.final_lambda * self.threshold() / self.final_threshold * penalty
 
     @torch.no_grad()

@@ -45,7 +45,9 @@ class SPDF(SparsityStrategy):
     momentum nor weight decay revives a pruned weight. The mask never changes; it is a buffer
     in every checkpoint. With ``dense_from_step`` the run switches to dense at that optimizer
     step (Variable SPDF): pruned weights and their optimizer moments are zeroed, the mask and
-    its hooks removed, and every weight trains from there.
+    its hooks removed, and every weight trains from there. Under FSDP2 the parametrization, which
+    holds the sharded ``W0``, stays with an all-ones mask (``W_eff = W0`` exactly; nothing is masked
+    any more): the same training as DDP's plain weights, and checkpoints that resume and export.
 
     ``phase: dense``: no mask at all. With ``checkpoint`` (a sparse-phase checkpoint of the same
     model config) the model starts from its weights ``M ⊙ W0``; a model exported with
@@ -109,13 +111,6 @@ class SPDF(SparsityStrategy):
         self.flops: FlopCount | None = None
         self._prepared = False
         self._loaded = False
-
-    def fsdp2_refusal(self) -> str | None:
-        if self.dense_from_step is not None:
-            return ("the switch to dense training (dense_from_step) removes the masks' parametrizations from "
-                    "layers FSDP2 has sharded; train the sparse phase under fsdp2 and the dense phase as a second "
-                    "run (phase dense, checkpoint <sparse run's checkpoint>), or use --trainer.strategy ddp")
-        return None
 
     # ---- masks ---------------------------------------------------------------------------
     def layer_scores(self, layer: SparseLayer) -> torch.Tensor:

@@ -196,14 +196,20 @@ class ParameterDigest(Callback):
                       pl_module.model.named_parameters())
 
 
-def _write_digest(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """SHA-256 of the names and bytes of ``tensors``, in order, as hex text at ``path``."""
+def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 (hex) of the names and bytes of whole ``tensors``, in order: what :class:`MaskDigest` and
+    :class:`ParameterDigest` write, so a test can compare a checkpoint's tensors with a rank's."""
     digest = hashlib.sha256()
     for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_digest(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """:func:`tensor_digest` of ``tensors`` as text at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(digest.hexdigest())
+    path.write_text(tensor_digest(tensors))
 
 
 class StepDelay(Callback):

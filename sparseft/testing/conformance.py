@@ -167,7 +167,7 @@ def check_logging(strategy: SparsityStrategy, root: Path) -> None:
         assert float(logged[-1][f"sparsity/layer/{sparse.name}"]) == pytest.approx(measured), sparse.name
 
 
-class _SaveAt(Callback):
+class SaveAt(Callback):
     """Write a checkpoint after optimizer step ``step``, as an interrupted run would have."""
 
     def __init__(self, step: int, path: Path) -> None:
@@ -184,7 +184,7 @@ def check_resume(make_strategy: Callable[[], SparsityStrategy], root: Path) -> N
     """A run resumed from a checkpoint after step :data:`RESUME_STEP` ends with the masks and weights of
     the run that was never interrupted. With a ramping schedule the checkpoint must be mid-ramp."""
     ckpt = root / "interrupted.ckpt"
-    saver = _SaveAt(RESUME_STEP, ckpt)
+    saver = SaveAt(RESUME_STEP, ckpt)
     straight = make_strategy()
     fit(straight, root / "straight", callbacks=[saver])
     if straight.schedule.ramps:
@@ -273,17 +273,40 @@ def whole_state(module: nn.Module) -> dict[str, torch.Tensor]:
         return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, model_type: str = "bert") -> None:
+def fit_and_save_state(strategy: SparsityStrategy, root: Path, run: str, trainer_strategy: str,
+                       **kwargs: Any) -> None:
+    """:func:`fit` on 2 processes under ``trainer_strategy``; each rank saves the model's whole state to
+    ``root/<run>-rank<r>.pt`` (``kwargs`` go to :func:`fit`: callbacks, ``ckpt_path``)."""
+    trainer, module = fit(strategy, root / run, devices=2, trainer_strategy=trainer_strategy, **kwargs)
+    torch.save(whole_state(module.model), root / f"{run}-rank{trainer.global_rank}.pt")
+
+
+def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, model_type: str = "bert",
+                       callbacks: Callable[[SparsityStrategy, str], list[Callback]] | None = None) -> None:
     """In each of 2 processes: :func:`fit` under DDP, then under FSDP2, the strategy built afresh from
-    ``init_args`` each time; each rank saves both models' whole state to ``root``. Run it as a script
-    (Lightning starts the second process by running the script again)."""
+    ``init_args`` each time; each rank saves both models' whole state to ``root`` (runs ``ddp`` and
+    ``fsdp2``). ``callbacks(strategy, trainer_strategy)`` adds callbacks to a run (checks, checkpoints).
+    Run it as a script (Lightning starts the second process by running the script again)."""
     module_name, _, class_name = class_path.rpartition(".")
     strategy_class = getattr(importlib.import_module(module_name), class_name)
     for trainer_strategy in ("ddp", "fsdp2"):
         strategy = build_from_config(strategy_class, init_args)
-        trainer, module = fit(strategy, Path(root) / trainer_strategy, devices=2,
-                              trainer_strategy=trainer_strategy, model_type=model_type)
-        torch.save(whole_state(module.model), Path(root) / f"{trainer_strategy}-rank{trainer.global_rank}.pt")
+        extra = callbacks(strategy, trainer_strategy) if callbacks else []
+        fit_and_save_state(strategy, Path(root), trainer_strategy, trainer_strategy, callbacks=extra,
+                           model_type=model_type)
+
+
+def assert_states_match(reference: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every state in ``states`` (run name -> whole state) has ``reference``'s keys, its masks (bool
+    tensors) bit for bit and its other tensors within :data:`FSDP2_WEIGHT_TOLERANCE`."""
+    for run, state in states.items():
+        assert state.keys() == reference.keys(), f"{run}: {sorted(set(state) ^ set(reference))}"
+        for key, value in reference.items():
+            if value.dtype == torch.bool:
+                assert torch.equal(state[key], value), f"{run}: mask {key} differs from the reference's"
+            else:
+                torch.testing.assert_close(state[key], value, rtol=0, atol=FSDP2_WEIGHT_TOLERANCE,
+                                           msg=lambda text, key=key, run=run: f"{run}: {key}: {text}")
 
 
 def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any], root: Path,
@@ -299,16 +322,8 @@ def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any
     result = subprocess.run([sys.executable, str(script), _class_path(strategy_class), json.dumps(init_args),
                              str(root), model_type], env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    reference = torch.load(root / "ddp-rank0.pt")
-    for run in ("ddp-rank1", "fsdp2-rank0", "fsdp2-rank1"):
-        state = torch.load(root / f"{run}.pt")
-        assert state.keys() == reference.keys(), run
-        for key, value in reference.items():
-            if value.dtype == torch.bool:
-                assert torch.equal(state[key], value), f"{run}: mask {key} differs from DDP rank 0's"
-            else:
-                torch.testing.assert_close(state[key], value, rtol=0, atol=FSDP2_WEIGHT_TOLERANCE,
-                                           msg=lambda text, key=key, run=run: f"{run}: {key}: {text}")
+    runs = ("ddp-rank1", "fsdp2-rank0", "fsdp2-rank1")
+    assert_states_match(torch.load(root / "ddp-rank0.pt"), {run: torch.load(root / f"{run}.pt") for run in runs})
 
 
 # ---- the pytest class ---------------------------------------------------------------------
