@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from sparseft.backbones import build_config, load_backbone
 from sparseft.cli.command import main
 from sparseft.cli.report import report_command
-from sparseft.strategies import Magnitude, Movement
+from sparseft.strategies import Magnitude
 from sparseft.testing import tiny_config
 from sparseft.testing.conformance import check_fsdp2
 from sparseft.training.checkpoint_checks import is_sharded_checkpoint
@@ -44,14 +44,35 @@ def test_fsdp2_is_a_registered_trainer_strategy_over_every_process():
     assert trainer.strategy._tensor_parallel_size == 1
 
 
-def test_settings_that_cannot_shard_are_refused_in_one_line_before_training():
-    trainer = Trainer(strategy="fsdp2", accelerator="cpu", devices=1, logger=False)
-    soft = Movement(sparsity=0.5, variant="soft", final_threshold=0.1)
-    if soft.fsdp2_refusal() is None:
-        pytest.skip("the soft variant shards now")
-    with pytest.raises(ValueError, match=r"^--trainer.strategy fsdp2 with sparsity strategy 'movement': the soft"):
-        soft.check_trainer(trainer)
-    Magnitude(sparsity=0.5).check_trainer(trainer)  # nothing to refuse
+class UnshardableMagnitude(Magnitude):
+    """A strategy that declares it cannot train under FSDP2 (as a third-party one may)."""
+
+    def fsdp2_refusal(self) -> str | None:
+        return "its scores need the whole model on one device; use --trainer.strategy ddp"
+
+
+def test_a_strategy_that_cannot_shard_is_refused_in_one_line_before_the_data_is_read(
+    tiny_bert_dir, sst2_dir, tmp_path, monkeypatch  # noqa: F811
+):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data was read before the refusal")
+
+    monkeypatch.setattr("sparseft.datamodules.glue.GLUEDataModule.setup", no_reading)
+    args = [a for a in fit_args(tiny_bert_dir, sst2_dir, tmp_path) if not a.startswith("--sparsity")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--sparsity={__name__}.UnshardableMagnitude", "--sparsity.sparsity=0.5",
+              "--trainer.strategy=fsdp2"])
+    assert exit_info.value.code == 2
+    Magnitude(sparsity=0.5).check_trainer(Trainer(strategy="fsdp2", accelerator="cpu", devices=1, logger=False))
+
+
+def test_the_refusal_names_the_option_the_strategy_and_its_reason(capsys, tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    args = [a for a in fit_args(tiny_bert_dir, sst2_dir, tmp_path) if not a.startswith("--sparsity")]
+    with pytest.raises(SystemExit):
+        main([*args, f"--sparsity={__name__}.UnshardableMagnitude", "--trainer.strategy=fsdp2"])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sparseft: error:")]
+    assert line == ("sparseft: error: --trainer.strategy fsdp2 with sparsity strategy 'magnitude': its scores need "
+                    "the whole model on one device; use --trainer.strategy ddp")
 
 
 @pytest.mark.slow
@@ -61,9 +82,11 @@ def test_settings_that_cannot_shard_are_refused_in_one_line_before_training():
     ("llama", "sparseft.strategies.Magnitude", dict(sparsity=0.6, pattern="global",
                                                     schedule=dict(kind="cubic", initial_warmup=0.1, final_warmup=0.3))),
     ("llama", "sparseft.strategies.S2FT", dict(sparsity=0.75, allocation="layer", learning_rate=1e-2)),
+    # 95% over the whole model selects no head at all: empty trainable slices, which FSDP2 cannot shard
+    ("llama", "sparseft.strategies.S2FT", dict(sparsity=0.95, learning_rate=1e-2)),
     ("llama", "sparseft.strategies.Movement", dict(sparsity=0.5, pattern="2:4", schedule=dict(
         kind="cubic", initial_warmup=0.1, final_warmup=0.3))),
-], ids=["gpt2-pst", "llama-magnitude-global", "llama-s2ft-gqa", "llama-movement-2:4"])
+], ids=["gpt2-pst", "llama-magnitude-global", "llama-s2ft-gqa", "llama-s2ft-empty-slices", "llama-movement-2:4"])
 def test_gpt2_and_llama_under_fsdp2_give_the_masks_and_weights_of_ddp(model_type, strategy, init_args, tmp_path):
     module_name, _, class_name = strategy.rpartition(".")
     strategy_class = getattr(__import__(module_name, fromlist=[class_name]), class_name)

@@ -15,8 +15,11 @@ time (:mod:`sparseft.sparse.sharding`).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -61,18 +64,38 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if type(block).__name__ in named] or blocks
 
 
+def broadcast_from_first_rank_(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Every rank takes the first rank's parameters and buffers, as DDP does when it wraps a model: a
+    randomly initialised head, scores or factors drawn differently on another rank would otherwise be
+    sharded from different values. One tensor at a time, staged on the mesh's device."""
+    if mesh.size() == 1:
+        return
+    group = mesh.get_group()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            staged = tensor.detach().to(device or tensor.device)
+            dist.broadcast(staged, src=dist.get_global_rank(group, 0), group=group)
+            tensor.copy_(staged)
+
+
 def shard_backbone_(model: nn.Module, mesh: DeviceMesh) -> int:
-    """``fully_shard`` every transformer block of ``model``, then ``model`` itself (the embeddings,
-    the head and whatever lies outside the blocks), over the 1-D ``mesh``. Returns the blocks sharded;
-    a model already sharded is left as it is (Lightning calls ``configure_model`` once per run)."""
+    """Give every rank the first rank's values, then ``fully_shard`` every transformer block of ``model``
+    and ``model`` itself (the embeddings, the head and whatever lies outside the blocks), over the 1-D
+    ``mesh``. Returns the blocks sharded; a model already sharded is left as it is (Lightning calls
+    ``configure_model`` once per run)."""
     if isinstance(model, FSDPModule):
         return 0
+    broadcast_from_first_rank_(model, mesh)
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard with FSDP2")
+    # an empty tensor has nothing to shard, and FSDP2's gradient reduce-scatter refuses one (S²FT trains
+    # no column of a layer where it selects no head): such parameters stay whole on every rank
+    empty = {parameter for parameter in model.parameters() if parameter.numel() == 0}
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=empty)
+    fully_shard(model, mesh=mesh, ignored_params=empty)
     return len(blocks)
 
 
