@@ -24,7 +24,7 @@ from sparseft.cli.report import report_command
 from sparseft.strategies import Magnitude
 from sparseft.testing import tiny_config
 from sparseft.testing.conformance import check_fsdp2
-from sparseft.training.checkpoint_checks import is_sharded_checkpoint
+from sparseft.training.checkpoint_checks import is_sharded_checkpoint, load_checkpoint
 from sparseft.training.sharding import FSDP2Strategy, transformer_blocks
 from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
 
@@ -141,3 +141,17 @@ def test_s2ft_adapter_of_a_sharded_checkpoint_is_the_ddp_runs(tiny_bert_dir, sst
     assert adapters["ddp"].keys() == adapters["fsdp2"].keys() and adapters["ddp"]
     for key, value in adapters["ddp"].items():
         torch.testing.assert_close(adapters["fsdp2"][key], value, rtol=0, atol=1e-5, msg=lambda text, key=key: key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fsdp2_trains_in_bf16(precision, tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """Both bf16 precisions train under FSDP2 and reach the masks' target (every rank checkpoints the same
+    masks: they are buffers, written whole)."""
+    checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path, "fsdp2", f"--trainer.precision={precision}")
+    state = load_checkpoint(checkpoint)["state_dict"]
+    masks = [value for value in state.values() if value.dtype == torch.bool]
+    assert len(masks) == 12 and all((~mask).float().mean().item() == 0.5 for mask in masks)
+    weights = [value for key, value in state.items() if key.endswith("parametrizations.weight.original")]
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert weights and all(weight.dtype == expected for weight in weights)
