@@ -15,6 +15,10 @@ Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 ``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly); with
 ``masks_follow_scores``, ``on_validation_start`` / ``on_test_start`` / ``on_predict_start`` /
 ``on_save_checkpoint`` too (masks recomputed from the scores the last optimizer step left).
+
+Under FSDP2 the parameters are shards outside the forward; mask updates gather what they read
+(:meth:`whole_layers`, one layer at a time through :meth:`layer_scores`), and settings that
+cannot shard are refused at start (:meth:`fsdp2_refusal`).
 """
 
 from __future__ import annotations
