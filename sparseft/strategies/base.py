@@ -81,6 +81,10 @@ class SparsityStrategy(Callback):
     #: How a sparsity becomes a count of pruned weights, as the method's reference code rounds it
     #: (:func:`~sparseft.sparse.masks.pruned_count`): ``round`` is ``torch.nn.utils.prune``'s.
     pruned_count_rule: ClassVar[CountRule] = "round"
+    #: This class's own ``update_masks`` / ``refresh_masks`` gather the sharded tensors they read
+    #: (FSDP2), one layer at a time where they can; otherwise the base class gathers every target
+    #: layer around an overridden one (correct, but a whole copy of the targets for the update).
+    gathers_what_it_reads: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Record each instance's constructor arguments, so a checkpoint can rebuild it."""
@@ -222,16 +226,19 @@ class SparsityStrategy(Callback):
         """Recompute every mask to keep the top scores at ``sparsity``.
 
         Per-layer and N:M masks of a method that implements :meth:`layer_scores` are computed one
-        layer at a time, each gathered whole under FSDP2 just for its own mask; a global top-k (or
-        :meth:`compute_scores` overridden) needs every layer's scores at once and gathers them all.
+        layer at a time, each gathered whole under FSDP2 just for its own mask; a global top-k needs
+        every layer's scores at once (:meth:`gathered_scores`: the scores whole, the layers gathered
+        one at a time); :meth:`compute_scores` overridden reads every target layer gathered at once.
         """
-        if self.mask_pattern.scope != "global" and not _overrides(self, "compute_scores"):
+        if _overrides(self, "compute_scores"):
+            with self.whole_layers():
+                prune_(self.layers, self.compute_scores(), sparsity, self.pattern, self.pruned_count_rule)
+        elif self.mask_pattern.scope == "global":
+            prune_(self.layers, self.gathered_scores(), sparsity, self.pattern, self.pruned_count_rule)
+        else:
             for layer in self.layers:
                 with whole_parameters([layer.layer.module]):
                     prune_([layer], [self.layer_scores(layer)], sparsity, self.pattern, self.pruned_count_rule)
-        else:
-            with self.whole_layers():
-                prune_(self.layers, self.compute_scores(), sparsity, self.pattern, self.pruned_count_rule)
         self.applied_sparsity = sparsity
         self._masks_stale = False
         self._measure()
@@ -248,9 +255,19 @@ class SparsityStrategy(Callback):
             self._masks_stale = False
 
     def _gathered_unless_base(self, *methods: str) -> AbstractContextManager[None]:
-        """:meth:`whole_layers` around a call of ``methods`` that a subclass overrides (what they read
-        is theirs to say); nothing around the base ones, which gather what they read themselves."""
-        return self.whole_layers() if any(_overrides(self, name) for name in methods) else nullcontext()
+        """:meth:`whole_layers` around a call of ``methods`` that a subclass overrides, unless it says it
+        gathers what it reads (``gathers_what_it_reads``); nothing around the base ones, which do."""
+        overridden = any(_overrides(self, name) for name in methods)
+        return self.whole_layers() if overridden and not self.gathers_what_it_reads else nullcontext()
+
+    def gathered_scores(self) -> list[torch.Tensor]:
+        """:meth:`layer_scores` of every target layer, each layer gathered whole under FSDP2 only while
+        its scores are computed: what a global top-k needs, without every layer's weights at once."""
+        scores = []
+        for layer in self.layers:
+            with whole_parameters([layer.layer.module]):
+                scores.append(self.layer_scores(layer))
+        return scores
 
     @contextmanager
     def whole_layers(self) -> Iterator[None]:

@@ -14,7 +14,7 @@ from sparseft.sparse.masks import global_topk_masks, threshold_mask
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores, ScoreInit
-from sparseft.sparse.sharding import total
+from sparseft.sparse.sharding import total, whole_parameters
 from sparseft.sparse.targets import TargetSpec
 from sparseft.strategies.base import SparsityStrategy
 from sparseft.strategies.registry import register_strategy
@@ -110,6 +110,7 @@ class Movement(SparsityStrategy):
 
     masks_follow_scores = True
     pruned_count_rule = "keep_floor"
+    gathers_what_it_reads = True  # one layer's scores at a time (a global top-k keeps them all)
 
     def make_score(self, layer: LinearLayer) -> nn.Module:
         return LearnedScores(layer.shape, self.score_init, self.score_init_scale)
@@ -122,8 +123,8 @@ class Movement(SparsityStrategy):
     def scores(self) -> list[torch.Tensor]:
         return [layer.param.score.scores for layer in self.layers]
 
-    def compute_scores(self) -> list[torch.Tensor]:
-        return [score.detach() for score in self.scores()]
+    def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
+        return layer.param.score.scores.detach()
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": self.scores(), "lr": self.score_lr, "weight_decay": 0.0}]
@@ -152,8 +153,9 @@ class Movement(SparsityStrategy):
     def update_masks(self, sparsity: float) -> None:
         if self.variant == "soft":
             threshold = self.threshold()
-            for layer, score in zip(self.layers, self.compute_scores(), strict=True):
-                layer.set_mask_(threshold_mask(torch.sigmoid(score), threshold))
+            for layer in self.layers:
+                with whole_parameters([layer.param.score]):
+                    layer.set_mask_(threshold_mask(torch.sigmoid(self.layer_scores(layer)), threshold))
             self._measure()
             self.applied_sparsity = self.measured_sparsity()  # soft: whatever the threshold yields
         elif self.pattern == "global":
@@ -164,7 +166,7 @@ class Movement(SparsityStrategy):
     def _update_global(self, sparsity: float) -> None:
         """Exact global top-k every ``global_topk_every`` steps (or when the target changes);
         in between, the same score threshold applied to the moving scores."""
-        scores = self.compute_scores()
+        scores = self.gathered_scores()
         if self._global_threshold is None or sparsity != self.applied_sparsity or (
             self.step % self.global_topk_every == 0
         ):
@@ -183,7 +185,7 @@ class Movement(SparsityStrategy):
         """Masks of the current scores; global top-k is recomputed exactly, as the reference's
         evaluation does, without touching the threshold the training steps reuse."""
         if self.variant == "hard" and self.pattern == "global":
-            masks = global_topk_masks(self.compute_scores(), self.applied_sparsity, self.pruned_count_rule)
+            masks = global_topk_masks(self.gathered_scores(), self.applied_sparsity, self.pruned_count_rule)
             for layer, keep in zip(self.layers, masks, strict=True):
                 layer.set_mask_(keep)
             self._measure()
