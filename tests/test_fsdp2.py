@@ -155,3 +155,19 @@ def test_fsdp2_trains_in_bf16(precision, tiny_bert_dir, sst2_dir, tmp_path):  # 
     weights = [value for key, value in state.items() if key.endswith("parametrizations.weight.original")]
     expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert weights and all(weight.dtype == expected for weight in weights)
+
+
+def test_a_sharded_checkpoint_outside_fsdp2_is_refused_with_what_works(tiny_bert_dir, sst2_dir, tmp_path, capsys):  # noqa: F811
+    """One process under fsdp2 writes a sharded checkpoint too; DDP or one device cannot read it."""
+    main([*fit_args(tiny_bert_dir, sst2_dir, tmp_path / "run"), "--trainer.max_steps=2", "--trainer.strategy=fsdp2",
+          "--trainer.devices=1"])
+    (checkpoint,) = (tmp_path / "run").rglob("last.ckpt")
+    assert is_sharded_checkpoint(checkpoint)
+    for command, advice in (("fit", "resume it with --trainer.strategy fsdp2 and as many processes as wrote it"),
+                            ("validate", "python -m lightning.fabric.utilities.consolidate_checkpoint")):
+        args = [command, *fit_args(tiny_bert_dir, sst2_dir, tmp_path / command)[1:], f"--ckpt_path={checkpoint}"]
+        with pytest.raises(SystemExit):
+            main(args)
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sparseft: error:")]
+        assert "is a sharded checkpoint (written under fsdp2)" in line and advice in line
+        assert not (tmp_path / command).exists(), "nothing may be written before the refusal"

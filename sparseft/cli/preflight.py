@@ -26,7 +26,7 @@ from sparseft.training.checkpoint_checks import is_checkpoint_path, is_sharded_c
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer) -> None:
+def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer, stage: str = "fit") -> None:
     """Refuse a ``--ckpt_path`` that is neither a file nor a sharded checkpoint directory, and a sharded
     one outside FSDP2 (only ``ModelParallelStrategy`` reads its shards)."""
     if ckpt_path is None or ckpt_path in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
@@ -37,11 +37,12 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer) -> None:
             "(e.g. <default_root_dir>/lightning_logs/version_0/checkpoints/last.ckpt)"
         )
     if is_sharded_checkpoint(ckpt_path) and not isinstance(trainer.strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"--ckpt_path {ckpt_path} is a sharded checkpoint (written under fsdp2): run with --trainer.strategy "
-            "fsdp2, or join its shards into one file first: "
-            f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}"
-        )
+        what = f"--ckpt_path {ckpt_path} is a sharded checkpoint (written under fsdp2)"
+        if stage == "fit":
+            raise ValueError(f"{what}: resume it with --trainer.strategy fsdp2 and as many processes as wrote it "
+                             "(its optimizer state is sharded)")
+        raise ValueError(f"{what}: run with --trainer.strategy fsdp2, or join its shards into one file first: "
+                         f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}")
 
 
 def check_before_run(
@@ -52,6 +53,6 @@ def check_before_run(
         if isinstance(callback, SparsityStrategy) and not callback.layers:
             callback.check_trainer(trainer)
             callback.check_model(model)
-    check_checkpoint_path(ckpt_path, trainer)
+    check_checkpoint_path(ckpt_path, trainer, stage)
     if datamodule is not None:
         datamodule.setup(stage)
