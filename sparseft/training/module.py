@@ -92,7 +92,8 @@ class SparseFTModule(LightningModule):
     ) -> None:
         super().__init__()
         check_options(optimizer, lr_scheduler, adam_epsilon=adam_epsilon, adam_betas=adam_betas,
-                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio,
+                      learning_rate=learning_rate)
         self.save_hyperparameters()
         self._optimizer_factory, self._lr_scheduler_factory = optimizer, lr_scheduler
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
