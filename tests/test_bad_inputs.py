@@ -74,6 +74,10 @@ def dsee(paths: Paths, *extra: str) -> list[str]:
     return fit_args(paths, "--sparsity=dsee", "--sparsity.rank=2", "--sparsity.num_sparse=4", *extra)
 
 
+def s2ft(paths: Paths, *extra: str) -> list[str]:
+    return fit_args(paths, "--sparsity=s2ft", *extra)
+
+
 def bad_train_file(content: str | bytes) -> Callable[[Paths], list[str]]:
     return lambda paths: fit_args(paths, data=write_sst2(paths.tmp / "bad", train=content))
 
@@ -145,6 +149,27 @@ CASES: dict[str, Case] = {
                                  ("query(", "regular expression")),
     "DSEE ffn_sparsity without heads": Case(lambda p: dsee(p, "--sparsity.ffn_sparsity=0.5"),
                                             ("ffn_sparsity", "heads")),
+    "warm-up ratio above 1": Case(lambda p: fit_args(p, "--model.warmup_ratio=1.5"),
+                                  ("--model.warmup_ratio", "1.5", "[0, 1)")),
+    "negative warm-up ratio": Case(lambda p: fit_args(p, "--model.warmup_ratio=-0.1"),
+                                   ("--model.warmup_ratio", "-0.1", "[0, 1)")),
+    "negative learning rate": Case(lambda p: fit_args(p, "--model.learning_rate=-1"),
+                                   ("--model.learning_rate", "-1", ">= 0")),
+    "negative strategy learning rate": Case(lambda p: fit_args(p, "--sparsity=pst", "--sparsity.learning_rate=-0.01"),
+                                            ("--sparsity.learning_rate", "-0.01", ">= 0")),
+    "negative score learning rate": Case(lambda p: fit_args(p, "--sparsity=movement", "--sparsity.score_lr=-1"),
+                                         ("--sparsity.score_lr", ">= 0")),
+    "S2FT sparsity with ratios": Case(lambda p: s2ft(p, "--sparsity.sparsity=0.5", "--sparsity.head_ratio=0.25"),
+                                      ("--sparsity.sparsity", "--sparsity.head_ratio", "not both")),
+    "S2FT gradient without calibration": Case(lambda p: s2ft(p, "--sparsity.criterion=gradient",
+                                                             "--sparsity.calibration_batches=0"),
+                                              ("--sparsity.calibration_batches", "gradient", "at least 1")),
+    "S2FT trains nothing": Case(lambda p: s2ft(p, "--sparsity.head_ratio=0", "--sparsity.channel_ratio=0"),
+                                ("head_ratio", "channel_ratio", "train nothing")),
+    "S2FT more heads than the model": Case(lambda p: s2ft(p, "--sparsity.heads=1000"),
+                                           ("--sparsity.heads", "1000", "query heads", "all layers", "0 to")),
+    "accumulate_grad_batches 0": Case(lambda p: fit_args(p, "--trainer.accumulate_grad_batches=0"),
+                                      ("--trainer.accumulate_grad_batches", "0", "at least 1")),
     "DSEE heads on a ramp": Case(lambda p: dsee(p, "--sparsity.pattern=heads", "--sparsity.schedule.kind=cubic"),
                                  ("heads", "one_shot")),
     # ---- options that do not fit the model: refused before the data is read ----

@@ -4,6 +4,7 @@ Lightning creates the run's log directory before it reads the data, and strategi
 ``setup``, after the data has been tokenized. A mistake found there leaves a run directory
 behind and costs the tokenization. So the command first checks, in this order, cheapest first:
 
+0. Trainer options that Lightning accepts but fails on mid-run (:func:`check_trainer_options`);
 1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
    that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
@@ -44,10 +45,21 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer) -> None:
         )
 
 
+def check_trainer_options(trainer: Trainer) -> None:
+    """Refuse Trainer options that Lightning accepts and then fails on mid-run with a traceback:
+    ``accumulate_grad_batches`` 0 divides by zero at the first training step."""
+    if trainer.accumulate_grad_batches < 1:
+        raise ValueError(
+            f"--trainer.accumulate_grad_batches is {trainer.accumulate_grad_batches}: it is the number of batches "
+            "per optimizer step and must be at least 1"
+        )
+
+
 def check_before_run(
     model: nn.Module, datamodule: LightningDataModule | None, trainer: Trainer, stage: str, ckpt_path: str | None
 ) -> None:
     """Run the checks of the module docstring; ``model`` is the LightningModule's backbone."""
+    check_trainer_options(trainer)
     for callback in trainer.callbacks:
         if isinstance(callback, SparsityStrategy) and not callback.layers:
             callback.check_trainer(trainer)
