@@ -95,6 +95,26 @@ def file_with(paths: Paths, name: str, content: bytes | dict) -> Path:
     return path
 
 
+def damaged(paths: Paths, how: str) -> Path:
+    """A copy of the shared checkpoint: ``empty``, ``truncated`` (its first half) or ``corrupted`` (4096 bytes
+    XOR'd a third of the way in, inside the weights: the zip structure is intact, a member's CRC is not)."""
+    data = bytearray(paths.checkpoint.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        start = len(data) // 3
+        data[start:start + 4096] = bytes(byte ^ 0x5A for byte in data[start:start + 4096])
+    return file_with(paths, f"{how}.ckpt", bytes(data))
+
+
+def from_damaged(paths: Paths, how: str, command: str = "fit") -> list[str]:
+    """``command`` with the shared run's options and a :func:`damaged` copy of its checkpoint."""
+    args = magnitude(paths, "--sparsity.targets=[q]", "--sparsity.sparsity=0.5", f"--ckpt_path={damaged(paths, how)}")
+    return [command, *args[1:]]
+
+
 @dataclass
 class Case:
     args: Callable[[Paths], list[str]]
@@ -211,6 +231,16 @@ CASES: dict[str, Case] = {
                                        ("--ckpt_path", "classifier", "another task"), True),
     "checkpoint of another strategy": Case(lambda p: fit_args(p, "--sparsity=pst", f"--ckpt_path={p.checkpoint}"),
                                            ("magnitude", "--sparsity magnitude"), True),
+    "resuming an empty checkpoint": Case(lambda p: from_damaged(p, "empty"),
+                                         ("--ckpt_path", "empty.ckpt", "0 bytes", "another checkpoint")),
+    "resuming a truncated checkpoint": Case(lambda p: from_damaged(p, "truncated"),
+                                            ("--ckpt_path", "truncated.ckpt", "no zip directory", "truncated,")),
+    "resuming a corrupted checkpoint": Case(lambda p: from_damaged(p, "corrupted"),
+                                            ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "validating a corrupted checkpoint": Case(lambda p: from_damaged(p, "corrupted", "validate"),
+                                              ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "predicting from a truncated checkpoint": Case(lambda p: from_damaged(p, "truncated", "predict"),
+                                                   ("--ckpt_path", "truncated.ckpt", "no zip directory", "truncated,")),
     # ---- export ----
     "export: no such checkpoint": Case(lambda p: export(p, p.tmp / "nope.ckpt"), ("--ckpt_path", "no such file")),
     "export: not a sparseft checkpoint": Case(lambda p: export(p, file_with(p, "other.ckpt", {"state_dict": {}})),
@@ -218,6 +248,12 @@ CASES: dict[str, Case] = {
                                                "hyper_parameters")),
     "export: not a checkpoint": Case(lambda p: export(p, file_with(p, "junk.ckpt", b"\x00junk" * 64)),
                                      ("--ckpt_path", "not a readable PyTorch checkpoint")),
+    "export: empty checkpoint": Case(lambda p: export(p, damaged(p, "empty")), ("--ckpt_path", "0 bytes")),
+    "export: truncated checkpoint": Case(lambda p: export(p, damaged(p, "truncated")),
+                                         ("--ckpt_path", "no zip directory")),
+    "export: corrupted checkpoint": Case(lambda p: export(p, damaged(p, "corrupted")),
+                                         ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "report: corrupted checkpoint": Case(lambda p: ["report", str(damaged(p, "corrupted"))], ("corrupted.ckpt", "CRC")),
     "export: no output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}"], ("output_dir", "export")),
     "export: existing adapter file": Case(lambda p: [*export(p, p.checkpoint),
                                                      f"--adapter_path={p.model / 'config.json'}"],

@@ -8,7 +8,8 @@ behind and costs the tokenization. So the command first checks, in this order, c
 1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
    that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
-2. that ``--ckpt_path`` names an existing file, or a sharded (FSDP2) checkpoint directory under FSDP2;
+2. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
+   checkpoint directory under FSDP2;
 3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
@@ -21,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from sparseft.strategies.base import SparsityStrategy
-from sparseft.training.checkpoint_checks import is_checkpoint_path, is_sharded_checkpoint
+from sparseft.training.checkpoint_checks import check_checkpoint_file, is_checkpoint_path, is_sharded_checkpoint
 
 # values of --ckpt_path that Lightning resolves itself
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -43,6 +44,7 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer) -> None:
             "fsdp2, or join its shards into one file first: "
             f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}"
         )
+    check_checkpoint_file(ckpt_path)  # Lightning's torch.load checks no checksum
 
 
 def check_trainer_options(trainer: Trainer) -> None:
