@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseft.backbones.loading import load_backbone
+from sparseft.backbones.loading import load_backbone, position_limit
 from sparseft.cli.command import main
 from sparseft.cli.errors import DEBUG_ENV, USAGE_ERROR_STATUS, condense_parse_error, user_error_message
 from sparseft.datamodules.e2e import read_e2e_csv
@@ -203,6 +203,8 @@ CASES: dict[str, Case] = {
                                            ("sparsity.num_sparse", "5000", "query", "at most 1024")),
     "DSEE prune targets match nothing": Case(lambda p: dsee(p, "--sparsity.prune_targets=[nothing]"),
                                              ("nothing", "matched no")),
+    "max_length beyond the positions": Case(lambda p: fit_args(p, "--data.max_length=192"),
+                                            ("--data.max_length", "192", "128 positions", "at most 128")),
     "backbone directory missing": Case(lambda p: fit_args(p, f"--model.backbone={p.tmp / 'no-model'}"),
                                        ("no-model", "no such directory", "--model.backbone")),
     "backbone package missing": Case(lambda p: fit_args(p, "--model.backbone=pkg:no_such_package/model"),
@@ -415,6 +417,30 @@ def test_attach_checks_the_model_outside_the_cli_too():
     with pytest.raises(ValueError, match="num_sparse 2000 is more than the 32x32 = 1024 weights"):
         DSEE(num_sparse=2000).attach(model)
     assert not sparse_layers(model), "nothing was attached"
+
+
+def test_e2e_longer_than_gpt2_positions_is_refused_before_the_run(tiny_gpt2_dir, tmp_path, capsys):
+    # the issue's run: E2E on a GPT-2 with n_positions 128 and max_length 192 failed with an IndexError mid-training
+    long_ref = " ".join(["The Eagle is a French restaurant near the river."] * 30)
+    for name in ("trainset.csv", "devset.csv"):
+        (tmp_path / name).write_text(f'mr,ref\n"name[The Eagle]",{long_ref}\n' * 4)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--model.backbone={tiny_gpt2_dir}", "--data=sparseft.datamodules.E2EDataModule",
+              f"--data.data_dir={tmp_path}", "--data.max_length=192", "--data.batch_size=2", "--trainer.max_steps=1",
+              "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={run}"])
+    assert exit_info.value.code == USAGE_ERROR_STATUS
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sparseft: error: --data.max_length 192 is longer than the backbone's 128 positions (its position embedding "
+        "has 128 rows): set --data.max_length to at most 128")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind, limit", [("bert", 128), ("gpt2", 128), ("roberta", 128), ("llama", None)])
+def test_position_limit_counts_the_rows_inputs_can_use(kind, limit):
+    # RoBERTa's table has 130 rows, but its positions start after the padding index 1; LLaMA's are rotary
+    model = load_backbone("sequence-classification", config=tiny_config(kind), num_labels=2)
+    assert position_limit(model) == limit
 
 
 def test_e2e_and_text_files_name_file_and_line(tmp_path):

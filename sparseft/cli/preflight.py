@@ -4,13 +4,14 @@ Lightning creates the run's log directory before it reads the data, and strategi
 ``setup``, after the data has been tokenized. A mistake found there leaves a run directory
 behind and costs the tokenization. So the command first checks, in this order, cheapest first:
 
-0. Trainer options that Lightning accepts but fails on mid-run (:func:`check_trainer_options`);
-1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
+1. Trainer options that Lightning accepts but fails on mid-run (:func:`check_trainer_options`);
+2. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
    that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
-2. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
+3. that the data's ``max_length`` (or ``block_size``) fits the backbone's learned positions;
+4. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
    checkpoint directory under FSDP2;
-3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
+5. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
 """
@@ -21,6 +22,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from sparseft.backbones.loading import position_limit
 from sparseft.strategies.base import SparsityStrategy
 from sparseft.training.checkpoint_checks import check_checkpoint_file, is_checkpoint_path, is_sharded_checkpoint
 
@@ -57,6 +59,19 @@ def check_trainer_options(trainer: Trainer) -> None:
         )
 
 
+def check_sequence_length(model: nn.Module, datamodule: LightningDataModule | None) -> None:
+    """Refuse inputs longer than the backbone has learned positions for (``data.max_length`` 192 on a
+    GPT-2 with 128): the embedding would fail with an ``IndexError`` in the middle of training."""
+    length, limit = getattr(datamodule, "max_length", None), position_limit(model)
+    if length is None or limit is None or length <= limit:
+        return
+    option = "data.block_size" if hasattr(datamodule, "block_size") else "data.max_length"
+    raise ValueError(
+        f"--{option} {length} is longer than the backbone's {limit} positions (its position embedding has "
+        f"{limit} rows): set --{option} to at most {limit}"
+    )
+
+
 def check_before_run(
     model: nn.Module, datamodule: LightningDataModule | None, trainer: Trainer, stage: str, ckpt_path: str | None
 ) -> None:
@@ -66,6 +81,7 @@ def check_before_run(
         if isinstance(callback, SparsityStrategy) and not callback.layers:
             callback.check_trainer(trainer)
             callback.check_model(model)
+    check_sequence_length(model, datamodule)
     check_checkpoint_path(ckpt_path, trainer)
     if datamodule is not None:
         datamodule.setup(stage)
