@@ -260,6 +260,9 @@ CASES: dict[str, Case] = {
     "export: existing adapter file": Case(lambda p: [*export(p, p.checkpoint),
                                                      f"--adapter_path={p.model / 'config.json'}"],
                                           ("adapter_path", "exists", "--overwrite")),
+    "export: adapter folder missing": Case(lambda p: [*export(p, p.checkpoint),
+                                                      f"--adapter_path={p.tmp / 'no-folder' / 'a.safetensors'}"],
+                                           ("--adapter_path", "no-folder", "does not exist", "create it")),
     "export: non-empty output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}", f"--output_dir={p.model}"],
                                          ("output_dir", "not empty", "--overwrite")),
 }
@@ -417,6 +420,21 @@ def test_attach_checks_the_model_outside_the_cli_too():
     with pytest.raises(ValueError, match="num_sparse 2000 is more than the 32x32 = 1024 weights"):
         DSEE(num_sparse=2000).attach(model)
     assert not sparse_layers(model), "nothing was attached"
+
+
+def test_export_checks_the_adapter_folder_before_writing_the_model(shared, tiny_bert_dir, tmp_path, capsys):
+    # an S²FT checkpoint has an adapter to write: the model directory was fully written before this failed
+    paths = Paths(tiny_bert_dir, shared["data"], shared["checkpoint"], shared["stsb"], tmp_path)
+    main(s2ft(paths, "--sparsity.heads=2"))
+    checkpoint = next(paths.run.rglob("last.ckpt"))
+    adapter = tmp_path / "no-folder" / "a.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*export(paths, checkpoint), f"--adapter_path={adapter}"])
+    assert exit_info.value.code == USAGE_ERROR_STATUS
+    assert "does not exist; create it" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "exported").exists() and not adapter.parent.exists()
+    main([*export(paths, checkpoint), f"--adapter_path={tmp_path / 'exported' / 'a.safetensors'}"])  # its own folder
+    assert (tmp_path / "exported" / "a.safetensors").is_file() and (tmp_path / "exported" / "config.json").is_file()
 
 
 def test_e2e_longer_than_gpt2_positions_is_refused_before_the_run(tiny_gpt2_dir, tmp_path, capsys):
