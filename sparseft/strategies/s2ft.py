@@ -246,7 +246,8 @@ def check_selection(
         if given:
             raise ValueError(
                 f"--sparsity.sparsity sets both head_ratio and channel_ratio to 1 - sparsity, but {', '.join(given)} "
-                "also given: give either sparsity or the ratios and counts, not both"
+                f"{'is' if len(given) == 1 else 'are'} also given: give either sparsity or the ratios and counts, "
+                "not both"
             )
         head_ratio = channel_ratio = 1.0 - sparsity
     for name, ratio in (("head_ratio", head_ratio), ("channel_ratio", channel_ratio)):
@@ -255,6 +256,6 @@ def check_selection(
     if (heads if heads is not None else head_ratio) == 0 and (channels if channels is not None else channel_ratio) == 0:
         raise ValueError(
             "--sparsity.head_ratio (or heads) and --sparsity.channel_ratio (or channels) are both 0: S²FT would "
-            "train nothing; give either a share above 0"
+            "train nothing; raise either of them above 0"
         )
     return head_ratio, channel_ratio
