@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseft.backbones.loading import load_backbone
+from sparseft.backbones.loading import load_backbone, position_limit
 from sparseft.cli.command import main
 from sparseft.cli.errors import DEBUG_ENV, USAGE_ERROR_STATUS, condense_parse_error, user_error_message
 from sparseft.datamodules.e2e import read_e2e_csv
@@ -74,6 +74,10 @@ def dsee(paths: Paths, *extra: str) -> list[str]:
     return fit_args(paths, "--sparsity=dsee", "--sparsity.rank=2", "--sparsity.num_sparse=4", *extra)
 
 
+def s2ft(paths: Paths, *extra: str) -> list[str]:
+    return fit_args(paths, "--sparsity=s2ft", *extra)
+
+
 def bad_train_file(content: str | bytes) -> Callable[[Paths], list[str]]:
     return lambda paths: fit_args(paths, data=write_sst2(paths.tmp / "bad", train=content))
 
@@ -89,6 +93,26 @@ def file_with(paths: Paths, name: str, content: bytes | dict) -> Path:
     else:
         path.write_bytes(content)
     return path
+
+
+def damaged(paths: Paths, how: str) -> Path:
+    """A copy of the shared checkpoint: ``empty``, ``truncated`` (its first half) or ``corrupted`` (4096 bytes
+    XOR'd a third of the way in, inside the weights: the zip structure is intact, a member's CRC is not)."""
+    data = bytearray(paths.checkpoint.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        start = len(data) // 3
+        data[start:start + 4096] = bytes(byte ^ 0x5A for byte in data[start:start + 4096])
+    return file_with(paths, f"{how}.ckpt", bytes(data))
+
+
+def from_damaged(paths: Paths, how: str, command: str = "fit") -> list[str]:
+    """``command`` with the shared run's options and a :func:`damaged` copy of its checkpoint."""
+    args = magnitude(paths, "--sparsity.targets=[q]", "--sparsity.sparsity=0.5", f"--ckpt_path={damaged(paths, how)}")
+    return [command, *args[1:]]
 
 
 @dataclass
@@ -145,6 +169,27 @@ CASES: dict[str, Case] = {
                                  ("query(", "regular expression")),
     "DSEE ffn_sparsity without heads": Case(lambda p: dsee(p, "--sparsity.ffn_sparsity=0.5"),
                                             ("ffn_sparsity", "heads")),
+    "warm-up ratio above 1": Case(lambda p: fit_args(p, "--model.warmup_ratio=1.5"),
+                                  ("--model.warmup_ratio", "1.5", "[0, 1)")),
+    "negative warm-up ratio": Case(lambda p: fit_args(p, "--model.warmup_ratio=-0.1"),
+                                   ("--model.warmup_ratio", "-0.1", "[0, 1)")),
+    "negative learning rate": Case(lambda p: fit_args(p, "--model.learning_rate=-1"),
+                                   ("--model.learning_rate", "-1", ">= 0")),
+    "negative strategy learning rate": Case(lambda p: fit_args(p, "--sparsity=pst", "--sparsity.learning_rate=-0.01"),
+                                            ("--sparsity.learning_rate", "-0.01", ">= 0")),
+    "negative score learning rate": Case(lambda p: fit_args(p, "--sparsity=movement", "--sparsity.score_lr=-1"),
+                                         ("--sparsity.score_lr", ">= 0")),
+    "S2FT sparsity with ratios": Case(lambda p: s2ft(p, "--sparsity.sparsity=0.5", "--sparsity.head_ratio=0.25"),
+                                      ("--sparsity.sparsity", "--sparsity.head_ratio", "not both")),
+    "S2FT gradient without calibration": Case(lambda p: s2ft(p, "--sparsity.criterion=gradient",
+                                                             "--sparsity.calibration_batches=0"),
+                                              ("--sparsity.calibration_batches", "gradient", "at least 1")),
+    "S2FT trains nothing": Case(lambda p: s2ft(p, "--sparsity.head_ratio=0", "--sparsity.channel_ratio=0"),
+                                ("head_ratio", "channel_ratio", "train nothing")),
+    "S2FT more heads than the model": Case(lambda p: s2ft(p, "--sparsity.heads=1000"),
+                                           ("--sparsity.heads", "1000", "query heads", "all layers", "0 to")),
+    "accumulate_grad_batches 0": Case(lambda p: fit_args(p, "--trainer.accumulate_grad_batches=0"),
+                                      ("--trainer.accumulate_grad_batches", "0", "at least 1")),
     "DSEE heads on a ramp": Case(lambda p: dsee(p, "--sparsity.pattern=heads", "--sparsity.schedule.kind=cubic"),
                                  ("heads", "one_shot")),
     # ---- options that do not fit the model: refused before the data is read ----
@@ -158,6 +203,8 @@ CASES: dict[str, Case] = {
                                            ("sparsity.num_sparse", "5000", "query", "at most 1024")),
     "DSEE prune targets match nothing": Case(lambda p: dsee(p, "--sparsity.prune_targets=[nothing]"),
                                              ("nothing", "matched no")),
+    "max_length beyond the positions": Case(lambda p: fit_args(p, "--data.max_length=192"),
+                                            ("--data.max_length", "192", "128 positions", "at most 128")),
     "backbone directory missing": Case(lambda p: fit_args(p, f"--model.backbone={p.tmp / 'no-model'}"),
                                        ("no-model", "no such directory", "--model.backbone")),
     "backbone package missing": Case(lambda p: fit_args(p, "--model.backbone=pkg:no_such_package/model"),
@@ -186,6 +233,16 @@ CASES: dict[str, Case] = {
                                        ("--ckpt_path", "classifier", "another task"), True),
     "checkpoint of another strategy": Case(lambda p: fit_args(p, "--sparsity=pst", f"--ckpt_path={p.checkpoint}"),
                                            ("magnitude", "--sparsity magnitude"), True),
+    "resuming an empty checkpoint": Case(lambda p: from_damaged(p, "empty"),
+                                         ("--ckpt_path", "empty.ckpt", "0 bytes", "another checkpoint")),
+    "resuming a truncated checkpoint": Case(lambda p: from_damaged(p, "truncated"),
+                                            ("--ckpt_path", "truncated.ckpt", "no zip directory", "truncated,")),
+    "resuming a corrupted checkpoint": Case(lambda p: from_damaged(p, "corrupted"),
+                                            ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "validating a corrupted checkpoint": Case(lambda p: from_damaged(p, "corrupted", "validate"),
+                                              ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "predicting from a truncated checkpoint": Case(lambda p: from_damaged(p, "truncated", "predict"),
+                                                   ("--ckpt_path", "truncated.ckpt", "no zip directory", "truncated,")),
     # ---- export ----
     "export: no such checkpoint": Case(lambda p: export(p, p.tmp / "nope.ckpt"), ("--ckpt_path", "no such file")),
     "export: not a sparseft checkpoint": Case(lambda p: export(p, file_with(p, "other.ckpt", {"state_dict": {}})),
@@ -193,10 +250,19 @@ CASES: dict[str, Case] = {
                                                "hyper_parameters")),
     "export: not a checkpoint": Case(lambda p: export(p, file_with(p, "junk.ckpt", b"\x00junk" * 64)),
                                      ("--ckpt_path", "not a readable PyTorch checkpoint")),
+    "export: empty checkpoint": Case(lambda p: export(p, damaged(p, "empty")), ("--ckpt_path", "0 bytes")),
+    "export: truncated checkpoint": Case(lambda p: export(p, damaged(p, "truncated")),
+                                         ("--ckpt_path", "no zip directory")),
+    "export: corrupted checkpoint": Case(lambda p: export(p, damaged(p, "corrupted")),
+                                         ("--ckpt_path", "corrupted.ckpt", "CRC")),
+    "report: corrupted checkpoint": Case(lambda p: ["report", str(damaged(p, "corrupted"))], ("corrupted.ckpt", "CRC")),
     "export: no output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}"], ("output_dir", "export")),
     "export: existing adapter file": Case(lambda p: [*export(p, p.checkpoint),
                                                      f"--adapter_path={p.model / 'config.json'}"],
                                           ("adapter_path", "exists", "--overwrite")),
+    "export: adapter folder missing": Case(lambda p: [*export(p, p.checkpoint),
+                                                      f"--adapter_path={p.tmp / 'no-folder' / 'a.safetensors'}"],
+                                           ("--adapter_path", "no-folder", "does not exist", "create it")),
     "export: non-empty output_dir": Case(lambda p: ["export", f"--ckpt_path={p.checkpoint}", f"--output_dir={p.model}"],
                                          ("output_dir", "not empty", "--overwrite")),
 }
@@ -354,6 +420,45 @@ def test_attach_checks_the_model_outside_the_cli_too():
     with pytest.raises(ValueError, match="num_sparse 2000 is more than the 32x32 = 1024 weights"):
         DSEE(num_sparse=2000).attach(model)
     assert not sparse_layers(model), "nothing was attached"
+
+
+def test_export_checks_the_adapter_folder_before_writing_the_model(shared, tiny_bert_dir, tmp_path, capsys):
+    # an S²FT checkpoint has an adapter to write: the model directory was fully written before this failed
+    paths = Paths(tiny_bert_dir, shared["data"], shared["checkpoint"], shared["stsb"], tmp_path)
+    main(s2ft(paths, "--sparsity.heads=2"))
+    checkpoint = next(paths.run.rglob("last.ckpt"))
+    adapter = tmp_path / "no-folder" / "a.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*export(paths, checkpoint), f"--adapter_path={adapter}"])
+    assert exit_info.value.code == USAGE_ERROR_STATUS
+    assert "does not exist; create it" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "exported").exists() and not adapter.parent.exists()
+    main([*export(paths, checkpoint), f"--adapter_path={tmp_path / 'exported' / 'a.safetensors'}"])  # its own folder
+    assert (tmp_path / "exported" / "a.safetensors").is_file() and (tmp_path / "exported" / "config.json").is_file()
+
+
+def test_e2e_longer_than_gpt2_positions_is_refused_before_the_run(tiny_gpt2_dir, tmp_path, capsys):
+    # the issue's run: E2E on a GPT-2 with n_positions 128 and max_length 192 failed with an IndexError mid-training
+    long_ref = " ".join(["The Eagle is a French restaurant near the river."] * 30)
+    for name in ("trainset.csv", "devset.csv"):
+        (tmp_path / name).write_text(f'mr,ref\n"name[The Eagle]",{long_ref}\n' * 4)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--model.backbone={tiny_gpt2_dir}", "--data=sparseft.datamodules.E2EDataModule",
+              f"--data.data_dir={tmp_path}", "--data.max_length=192", "--data.batch_size=2", "--trainer.max_steps=1",
+              "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={run}"])
+    assert exit_info.value.code == USAGE_ERROR_STATUS
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sparseft: error: --data.max_length 192 is longer than the backbone's 128 positions (its position embedding "
+        "has 128 rows): set --data.max_length to at most 128")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind, limit", [("bert", 128), ("gpt2", 128), ("roberta", 128), ("llama", None)])
+def test_position_limit_counts_the_rows_inputs_can_use(kind, limit):
+    # RoBERTa's table has 130 rows, but its positions start after the padding index 1; LLaMA's are rotary
+    model = load_backbone("sequence-classification", config=tiny_config(kind), num_labels=2)
+    assert position_limit(model) == limit
 
 
 def test_e2e_and_text_files_name_file_and_line(tmp_path):

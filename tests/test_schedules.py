@@ -66,6 +66,15 @@ def test_cubic_schedule_matches_the_pst_reference_at_every_step(total):
         assert schedule(step, total, 0.9) == pytest.approx(pst_reference_sparsity(step, total), rel=1e-12, abs=1e-15)
 
 
+def test_initial_sparsity_holds_during_the_initial_warmup_as_in_the_pst_reference():
+    # the example: schedule_sparsity_ratio(0, 25, 0.1, 0.3, 0.2, 0.5) is 0.2 (it was 0.0 here)
+    schedule = SparsitySchedule(kind="cubic", initial_sparsity=0.2, initial_warmup=0.1, final_warmup=0.3)
+    assert schedule(0, 25, 0.5) == pytest.approx(0.2)
+    for step in range(24):
+        assert schedule(step, 25, 0.5) == pytest.approx(pst_reference_sparsity(step, 25, initial=0.2, final=0.5))
+    assert SparsitySchedule(kind="one_shot", initial_warmup=0.3)(0, 25, 0.5) == 0.0  # no ramp: dense first
+
+
 def test_update_every_counts_whole_steps_from_the_first_step_of_the_ramp():
     # ramp from 2.5 to 12.5: updates at steps 3, 7, 11 (ceil(2.5) + 4k)
     assert ramp_progress(6, 2.5, 12.5, update_every=4) == ramp_progress(3, 2.5, 12.5) == pytest.approx(0.05)

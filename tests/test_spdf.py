@@ -265,6 +265,14 @@ def test_variable_spdf_switches_to_dense_with_zero_optimizer_state(tmp_path):
     assert strategy.flops.reduction == 1.0 and strategy.measured_sparsity() == 0.0
 
 
+def test_a_switch_after_the_last_step_is_warned_at_train_start(tmp_path):
+    strategy = SPDF(sparsity=0.75, dense_from_step=3)  # steps 0..2: the switch would come after the run
+    with pytest.warns(UserWarning, match="dense_from_step 3 is not before the run's last optimizer step") as warned:
+        fit_gpt2(strategy, tmp_path, 3)
+    assert len([w for w in warned if "dense_from_step" in str(w.message)]) == 1
+    assert strategy.switched_at is None and not strategy.dense
+
+
 @pytest.mark.parametrize("dense_from_step, saved_at", [(None, 4), (6, 4), (2, 4)],
                          ids=["sparse", "across-the-switch", "after-the-switch"])
 def test_kill_and_resume_gives_identical_masks_weights_and_optimizer_state(tmp_path, dense_from_step, saved_at):

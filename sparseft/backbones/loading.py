@@ -21,6 +21,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -183,3 +184,19 @@ def load_backbone(
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a (fast where possible) tokenizer by hub id, directory, ``pkg:`` path or GGUF file."""
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+#: the names HF models give their table of learned absolute positions (BERT, RoBERTa, GPT-2, OPT)
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input ``model`` can embed: the rows of its learned absolute position table, less the
+    rows an offset skips (RoBERTa's positions start after its padding index, OPT's after 2). A longer
+    input indexes past the table (``IndexError`` mid-training). None for rotary or relative positions
+    (LLaMA), which have no table."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            skipped = module.padding_idx + 1 if module.padding_idx is not None else int(getattr(module, "offset", 0))
+            return module.num_embeddings - skipped
+    return None

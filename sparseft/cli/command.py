@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -46,7 +45,7 @@ from sparseft.cli.preflight import check_before_run
 from sparseft.cli.report import report_command
 from sparseft.cli.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 from sparseft.datamodules.base import TextDataModule
-from sparseft.export.adapters import extract_adapter, save_adapter
+from sparseft.export.adapters import check_adapter_target, extract_adapter, save_adapter
 from sparseft.export.compressed import WEIGHT_FORMATS
 from sparseft.export.pretrained import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
@@ -177,9 +176,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
                         help="replace a non-empty --output_dir (and an existing --adapter_path)")
     args = parser.parse_args(argv)
     check_export_target(args.output_dir, args.overwrite, keep=[args.ckpt_path])  # before loading anything
-    if args.adapter_path and Path(args.adapter_path).exists() and not args.overwrite:
-        raise FileExistsError(f"adapter_path {args.adapter_path} exists: name a new file, or pass --overwrite to "
-                              "replace it")
+    if args.adapter_path:
+        check_adapter_target(args.adapter_path, args.output_dir, args.overwrite)
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
     adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer

@@ -4,11 +4,14 @@ Lightning creates the run's log directory before it reads the data, and strategi
 ``setup``, after the data has been tokenized. A mistake found there leaves a run directory
 behind and costs the tokenization. So the command first checks, in this order, cheapest first:
 
-1. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
+1. Trainer options that Lightning accepts but fails on mid-run (:func:`check_trainer_options`);
+2. every strategy against the trainer strategy (:meth:`SparsityStrategy.check_trainer`: settings
    that cannot shard under FSDP2) and the model (:meth:`SparsityStrategy.check_model`: targets that
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
-2. that ``--ckpt_path`` names an existing file, or a sharded (FSDP2) checkpoint directory under FSDP2;
-3. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
+3. that the data's ``max_length`` (or ``block_size``) fits the backbone's learned positions;
+4. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
+   checkpoint directory under FSDP2;
+5. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
 """
@@ -19,8 +22,9 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from sparseft.backbones.loading import position_limit
 from sparseft.strategies.base import SparsityStrategy
-from sparseft.training.checkpoint_checks import is_checkpoint_path, is_sharded_checkpoint
+from sparseft.training.checkpoint_checks import check_checkpoint_file, is_checkpoint_path, is_sharded_checkpoint
 
 # values of --ckpt_path that Lightning resolves itself
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -43,16 +47,42 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer, stage: str = 
                              "(its optimizer state is sharded)")
         raise ValueError(f"{what}: run with --trainer.strategy fsdp2, or join its shards into one file first: "
                          f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}")
+    check_checkpoint_file(ckpt_path)  # Lightning's torch.load checks no checksum
+
+
+def check_trainer_options(trainer: Trainer) -> None:
+    """Refuse Trainer options that Lightning accepts and then fails on mid-run with a traceback:
+    ``accumulate_grad_batches`` 0 divides by zero at the first training step."""
+    if trainer.accumulate_grad_batches < 1:
+        raise ValueError(
+            f"--trainer.accumulate_grad_batches is {trainer.accumulate_grad_batches}: it is the number of batches "
+            "per optimizer step and must be at least 1"
+        )
+
+
+def check_sequence_length(model: nn.Module, datamodule: LightningDataModule | None) -> None:
+    """Refuse inputs longer than the backbone has learned positions for (``data.max_length`` 192 on a
+    GPT-2 with 128): the embedding would fail with an ``IndexError`` in the middle of training."""
+    length, limit = getattr(datamodule, "max_length", None), position_limit(model)
+    if length is None or limit is None or length <= limit:
+        return
+    option = "data.block_size" if hasattr(datamodule, "block_size") else "data.max_length"
+    raise ValueError(
+        f"--{option} {length} is longer than the backbone's {limit} positions (its position embedding has "
+        f"{limit} rows): set --{option} to at most {limit}"
+    )
 
 
 def check_before_run(
     model: nn.Module, datamodule: LightningDataModule | None, trainer: Trainer, stage: str, ckpt_path: str | None
 ) -> None:
     """Run the checks of the module docstring; ``model`` is the LightningModule's backbone."""
+    check_trainer_options(trainer)
     for callback in trainer.callbacks:
         if isinstance(callback, SparsityStrategy) and not callback.layers:
             callback.check_trainer(trainer)
             callback.check_model(model)
+    check_sequence_length(model, datamodule)
     check_checkpoint_path(ckpt_path, trainer, stage)
     if datamodule is not None:
         datamodule.setup(stage)

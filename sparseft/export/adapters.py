@@ -43,6 +43,27 @@ def extract_adapter(model: nn.Module) -> Adapter:
     return adapter
 
 
+def check_adapter_target(path: str | Path, output_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse an adapter file that cannot be written, before the export writes anything: its folder
+    must exist (or be ``output_dir``, which the export creates). Checked after the model directory was
+    written, a missing folder left a complete export behind and a failed command.
+
+    Raises:
+        FileExistsError: the file exists and ``overwrite`` is not set.
+        IsADirectoryError: ``path`` is a directory.
+        NotADirectoryError: its folder is missing or is a file.
+    """
+    path = Path(path).expanduser()
+    folder = path.resolve().parent
+    if path.is_dir():
+        raise IsADirectoryError(f"--adapter_path {path} is a directory: name a file, e.g. {path / 'a.safetensors'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--adapter_path {path} exists: name a new file, or pass --overwrite to replace it")
+    if not folder.is_dir() and folder != Path(output_dir).expanduser().resolve():
+        raise NotADirectoryError(f"--adapter_path {path}: its folder {folder} does not exist; create it, or name a "
+                                 "file in an existing folder or in --output_dir")
+
+
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     """Write ``adapter`` as one safetensors file."""
     tensors = {f"{name}.{key}": part[key].contiguous() for name, part in adapter.items()

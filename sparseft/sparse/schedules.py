@@ -3,7 +3,8 @@
 Steps count optimizer steps from 0 (Lightning's ``trainer.global_step``); ``total_steps`` is
 the length of training in optimizer steps. A schedule has a *window* ``[t0, t1]``:
 
-* before ``t0`` (the initial warm-up) training is dense;
+* before ``t0`` (the initial warm-up) a ramp holds its initial value (``initial_sparsity``, 0 by
+  default: dense), as PST's reference ``schedule_sparsity_ratio`` does; ``one_shot`` is dense;
 * between ``t0`` and ``t1`` the value ramps from its initial to its final value;
 * after ``t1`` (the final warm-up, ``total_steps - t1`` steps) the final value holds, so the
   network recovers from the last pruning step.
@@ -141,11 +142,13 @@ class SparsitySchedule:
         return cubic_ramp(raw) if self.kind == "cubic" else linear_ramp(raw)
 
     def __call__(self, step: int, total_steps: int, final_sparsity: float, lr_warmup_steps: int = 0) -> float:
-        """Target sparsity at optimizer step ``step`` of ``total_steps`` (0 before the window):
-        ``s_f + (s_i − s_f)·(1 − p)³`` on the cubic ramp (Zhu & Gupta, eq. 1)."""
+        """Target sparsity at optimizer step ``step`` of ``total_steps``: ``s_f + (s_i − s_f)·(1 − p)³``
+        on the cubic ramp (Zhu & Gupta, eq. 1); before the window a ramp holds ``s_i`` (PST's reference:
+        ``t ≤ w_i·T → s_i``), so ``initial_sparsity`` is not dropped during the initial warm-up, and
+        ``one_shot`` is dense (0)."""
         raw = self.raw_progress(step, total_steps, lr_warmup_steps)
         if raw is None:
-            return 0.0
+            return self.initial_sparsity if self.ramps else 0.0
         if raw == 1.0:
             return final_sparsity
         return final_sparsity + (self.initial_sparsity - final_sparsity) * remaining_fraction(self.kind, raw)

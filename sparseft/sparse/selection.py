@@ -73,11 +73,16 @@ def unit_groups(model: nn.Module) -> list[UnitGroup]:
     return groups
 
 
-def unit_count(ratio: float, count: int | None, total: int) -> int:
-    """``count`` when given, else ``int(ratio · total)`` (the reference's rounding)."""
+def unit_count(ratio: float, count: int | None, total: int, option: str = "count", unit: str = "units") -> int:
+    """``count`` when given, else ``int(ratio · total)`` (the reference's rounding).
+
+    Raises:
+        ValueError: the count is not in ``[0, total]``; the message names the ``option`` that gave it
+            and what its ``unit`` is, since a count of heads is over every layer, not per layer.
+    """
     k = count if count is not None else int(ratio * total + 1e-9)
     if not 0 <= k <= total:
-        raise ValueError(f"cannot select {k} of {total} units")
+        raise ValueError(f"{option} {k}: the model has {total} {unit} to select from; give 0 to {total}")
     return k
 
 

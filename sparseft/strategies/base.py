@@ -438,6 +438,18 @@ def refresh_ddp_buffers(trainer: Trainer | None) -> None:
         wrapper._assign_modules_buffers()
 
 
+def check_learning_rates(group: str, **rates: float | None) -> None:
+    """Refuse a negative (or NaN) learning rate, naming its option ``--<group>.<name>``.
+
+    torch's optimizers refuse one only when they are built, after the run has started, in a
+    traceback; a strategy or the model checks its rates in its constructor instead. None (use the
+    model's rate) passes.
+    """
+    for name, rate in rates.items():
+        if rate is not None and not rate >= 0:
+            raise ValueError(f"--{group}.{name} is {rate}: a learning rate must be >= 0; give e.g. 2e-5")
+
+
 def _loggers_write_this_step(trainer: Trainer) -> bool:
     """Whether Lightning sends this step's logged values to any logger (every ``log_every_n_steps``).
 

@@ -31,7 +31,7 @@ from sparseft.sparse.structured import (
     split_qkv,
 )
 from sparseft.sparse.targets import TargetSpec, select_targets
-from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.base import SparsityStrategy, check_learning_rates
 from sparseft.strategies.registry import register_strategy
 
 Supports = dict[str, list[torch.Tensor]]
@@ -130,6 +130,7 @@ class DSEE(SparsityStrategy):
         self.ffn_sparsity = ffn_sparsity
         self.rank, self.alpha, self.num_sparse, self.support = rank, alpha, num_sparse, support
         self.decompose_rank, self.seed = decompose_rank, seed
+        check_learning_rates("sparsity", learning_rate=learning_rate, retune_learning_rate=retune_learning_rate)
         self.learning_rate, self.retune_learning_rate, self.train_head = learning_rate, retune_learning_rate, train_head
         self.stage: Literal["tune", "retune"] = "tune"
         self.boundary_step: int | None = None

@@ -16,7 +16,7 @@ from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores, ScoreInit
 from sparseft.sparse.sharding import total, whole_parameters
 from sparseft.sparse.targets import TargetSpec
-from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.base import SparsityStrategy, check_learning_rates
 from sparseft.strategies.registry import register_strategy
 
 
@@ -104,6 +104,7 @@ class Movement(SparsityStrategy):
         self.global_topk_every = global_topk_every
         self.final_threshold = final_threshold
         self.final_lambda = final_lambda
+        check_learning_rates("sparsity", score_lr=score_lr)
         self.score_init, self.score_init_scale, self.score_lr = score_init, score_init_scale, score_lr
         self.freeze_embeddings = freeze_embeddings
         self._global_threshold: float | None = None

@@ -14,7 +14,7 @@ from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.targets import TargetSpec
-from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.base import SparsityStrategy, check_learning_rates
 from sparseft.strategies.registry import register_strategy
 
 
@@ -94,6 +94,7 @@ class PST(SparsityStrategy):
         self.weight_rank, self.mask_rank = weight_rank, mask_rank
         self.beta, self.alpha1, self.alpha2 = beta, alpha1, alpha2
         self.train_head = train_head
+        check_learning_rates("sparsity", learning_rate=learning_rate)
         self.learning_rate = learning_rate
 
     def make_delta(self, layer: LinearLayer) -> nn.Module:

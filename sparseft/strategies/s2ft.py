@@ -18,6 +18,7 @@ from sparseft.sparse.selection import (
     Allocation,
     Criterion,
     Order,
+    UnitGroup,
     allocate,
     plan_slices,
     unit_count,
@@ -25,10 +26,15 @@ from sparseft.sparse.selection import (
     unit_scores,
 )
 from sparseft.sparse.slices import SlicedLayer, slice_layer_
-from sparseft.strategies.base import SparsityStrategy
+from sparseft.strategies.base import SparsityStrategy, check_learning_rates
 from sparseft.strategies.registry import register_strategy
 
 Plan = dict[str, tuple[str, torch.Tensor]]
+
+#: the reference's ratios, the defaults of ``head_ratio`` and ``channel_ratio``
+HEAD_RATIO, CHANNEL_RATIO = 0.052, 0.02
+#: what ``heads`` and ``channels`` count: units over all blocks, not per block
+UNITS = {"heads": "query heads (counted over all layers)", "channels": "FFN channels (counted over all layers)"}
 
 
 @register_strategy("s2ft")
@@ -61,7 +67,8 @@ class S2FT(SparsityStrategy):
         channel_ratio: fraction of all (layer, FFN channel) pairs trained (reference: 0.02).
         heads: number of heads to train instead of ``head_ratio``.
         channels: number of FFN channels to train instead of ``channel_ratio``.
-        sparsity: instead of the ratios, the update's sparsity: both ratios become ``1 − sparsity``.
+        sparsity: instead of the ratios, the update's sparsity: both ratios become ``1 − sparsity``
+            (refused together with a ratio or count, which it would override).
         allocation: ``global`` (one ranking over all layers, the reference) or ``layer`` (the
             same count in every block).
         criterion: ``random`` (seeded; the reference), ``weight``, ``activation``,
@@ -69,7 +76,7 @@ class S2FT(SparsityStrategy):
         order: keep the ``largest`` or the ``smallest`` scores.
         rows: also train the coupled rows (v, up and gate); they save their full input.
         seed: seed of the random criterion.
-        calibration_batches: training batches scored by data-driven criteria (on rank 0).
+        calibration_batches: training batches scored by data-driven criteria (on rank 0; at least 1).
         learning_rate: learning rate of the slices (None: the model's).
         weight_decay: weight decay of the slices (reference: 0).
         train_head: also train the task head; None (default): a classifier or QA head trains, an LM
@@ -81,8 +88,8 @@ class S2FT(SparsityStrategy):
 
     def __init__(
         self,
-        head_ratio: float = 0.052,
-        channel_ratio: float = 0.02,
+        head_ratio: float = HEAD_RATIO,
+        channel_ratio: float = CHANNEL_RATIO,
         heads: int | None = None,
         channels: int | None = None,
         sparsity: float | None = None,
@@ -98,13 +105,16 @@ class S2FT(SparsityStrategy):
         log_layers: bool = True,
     ) -> None:
         super().__init__(sparsity or 0.0, None, SparsitySchedule(kind="constant"), "layer", log_layers)
-        if sparsity is not None:
-            head_ratio = channel_ratio = 1.0 - sparsity
-        for name, ratio in (("head_ratio", head_ratio), ("channel_ratio", channel_ratio)):
-            if not 0.0 <= ratio <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {ratio}")
+        head_ratio, channel_ratio = check_selection(head_ratio, channel_ratio, heads, channels, sparsity)
+        if criterion in DATA_CRITERIA and calibration_batches < 1:
+            raise ValueError(
+                f"--sparsity.criterion {criterion} scores heads and channels on calibration_batches training batches, "
+                f"but --sparsity.calibration_batches is {calibration_batches}: every score would be 0; give at least 1 "
+                "(default 8), or criterion random"
+            )
         if order not in ("largest", "smallest"):
             raise ValueError(f"unknown order {order!r}; use 'largest' or 'smallest'")
+        check_learning_rates("sparsity", learning_rate=learning_rate)
         self.head_ratio, self.channel_ratio, self.heads, self.channels = head_ratio, channel_ratio, heads, channels
         self.allocation, self.criterion, self.order, self.rows = allocation, criterion, order, rows
         self.seed, self.calibration_batches = seed, calibration_batches
@@ -118,16 +128,27 @@ class S2FT(SparsityStrategy):
         groups = unit_groups(model)
         scores = unit_scores(model, groups, self.criterion, self.seed, batches, loss_fn)
         selected: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(groups)
-        for kind, ratio, count in (("heads", self.head_ratio, self.heads),
-                                   ("channels", self.channel_ratio, self.channels)):
-            members = [i for i, group in enumerate(groups) if group.kind == kind]
-            if not members:
-                continue
-            k = unit_count(ratio, count, sum(groups[i].units for i in members))
+        for members, k in self._unit_counts(groups):
             chosen = allocate([scores[i] for i in members], k, self.allocation, self.order)
             for i, units in zip(members, chosen):
                 selected[i] = units
         return plan_slices(model, groups, selected, self.rows)
+
+    def _unit_counts(self, groups: list[UnitGroup]) -> list[tuple[list[int], int]]:
+        """Per kind of unit the model has (heads, channels): its groups' indices and how many units to select."""
+        counts = []
+        for kind, ratio, count in (("heads", self.head_ratio, self.heads),
+                                   ("channels", self.channel_ratio, self.channels)):
+            members = [i for i, group in enumerate(groups) if group.kind == kind]
+            if members:
+                total = sum(groups[i].units for i in members)
+                counts.append((members, unit_count(ratio, count, total, f"--sparsity.{kind}", UNITS[kind])))
+        return counts
+
+    def check_model(self, model: nn.Module) -> None:
+        """Also refuse ``heads`` / ``channels`` above what the model has, before the data is read."""
+        super().check_model(model)
+        self._unit_counts(unit_groups(model))
 
     def attach(self, model: nn.Module) -> list[SlicedLayer]:
         """Swap the planned layers for slice layers and freeze the rest (idempotent)."""
@@ -207,3 +228,34 @@ class S2FT(SparsityStrategy):
         if self.learning_rate is not None:
             group["lr"] = self.learning_rate
         return [group]
+
+
+def check_selection(
+    head_ratio: float, channel_ratio: float, heads: int | None, channels: int | None, sparsity: float | None
+) -> tuple[float, float]:
+    """The ratios S²FT selects with, refusing settings that contradict each other or train nothing.
+
+    ``sparsity`` stands for both ratios (``1 − sparsity``), so it cannot come with ratios or counts of
+    its own (it silently won over them); head and channel shares both 0 leave no parameter to train
+    (as magnitude and SPDF refuse their empty cases).
+    """
+    if sparsity is not None:
+        given = [f"--sparsity.{name}" for name, value, default in (
+            ("head_ratio", head_ratio, HEAD_RATIO), ("channel_ratio", channel_ratio, CHANNEL_RATIO),
+            ("heads", heads, None), ("channels", channels, None)) if value != default]
+        if given:
+            raise ValueError(
+                f"--sparsity.sparsity sets both head_ratio and channel_ratio to 1 - sparsity, but {', '.join(given)} "
+                f"{'is' if len(given) == 1 else 'are'} also given: give either sparsity or the ratios and counts, "
+                "not both"
+            )
+        head_ratio = channel_ratio = 1.0 - sparsity
+    for name, ratio in (("head_ratio", head_ratio), ("channel_ratio", channel_ratio)):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"--sparsity.{name} must be in [0, 1], got {ratio}")
+    if (heads if heads is not None else head_ratio) == 0 and (channels if channels is not None else channel_ratio) == 0:
+        raise ValueError(
+            "--sparsity.head_ratio (or heads) and --sparsity.channel_ratio (or channels) are both 0: S²FT would "
+            "train nothing; raise either of them above 0"
+        )
+    return head_ratio, channel_ratio

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from sparseft.sparse.flops import FlopCount, model_training_flops
@@ -59,7 +59,8 @@ class SPDF(SparsityStrategy):
     Training FLOPs per token (dense, sparse, reduction; :mod:`sparseft.sparse.flops`) and the
     running total are logged under ``flops/`` and printed at the end.
 
-    Runs on: ``setup`` (mask chosen, or dense weights loaded), ``on_train_start`` (FLOPs per token),
+    Runs on: ``setup`` (mask chosen, or dense weights loaded), ``on_train_start`` (FLOPs per token; a
+    warning when ``dense_from_step`` falls after the last step),
     ``on_train_batch_start`` (the Variable-SPDF switch), ``on_before_optimizer_step`` (gradients
     masked), ``on_train_batch_end`` (weights and optimizer state masked; FLOPs and sparsity logged),
     ``on_train_end`` (FLOP summary).
@@ -172,6 +173,12 @@ class SPDF(SparsityStrategy):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if not self.dense and self.dense_from_step is not None and self.dense_from_step >= self.total_steps:
+            rank_zero_warn(
+                f"SPDF dense_from_step {self.dense_from_step} is not before the run's last optimizer step "
+                f"({self.total_steps} steps, 0 to {self.total_steps - 1}): the run never switches to dense and "
+                "trains sparse throughout. Lower sparsity.dense_from_step or train longer."
+            )
         self._count_flops(trainer, pl_module)
 
     def _count_flops(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -8,10 +8,17 @@ another task fails with torch's list of every missing key and mismatched size.
 Under ``--trainer.strategy fsdp2`` Lightning writes each checkpoint as a directory: every rank's
 shards (``torch.distributed.checkpoint``) and ``meta.pt`` with everything else (hyperparameters,
 callback and strategy state, loops). :func:`load_checkpoint` reads either form as one dictionary.
+
+``torch.save`` writes a zip archive whose members carry CRC-32 checksums, but ``torch.load`` does not
+check them: a checkpoint with bytes changed on disk loaded with mangled weights and the run went on.
+:func:`check_checkpoint_file` reads every member against its checksum (and refuses an empty or
+truncated file) before anything loads it: resume, export, report and the model options a run takes
+from ``--ckpt_path``.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,11 +40,53 @@ def is_checkpoint_path(path: str | Path) -> bool:
     return Path(path).is_file() or is_sharded_checkpoint(path)
 
 
+#: files whose every zip member matched its checksum, by (path, size, modification time): one check per
+#: file and version, though a command reads the checkpoint several times (options, weights, summary)
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse, in one line naming it, a checkpoint file that is empty, truncated or corrupted.
+
+    A sharded (FSDP2) directory's ``meta.pt`` is checked (its shards are not zip archives). A file that
+    is no zip archive is refused too: ``torch.save`` and Lightning have written zip archives since
+    torch 1.6.
+
+    Raises:
+        ValueError: the file is empty, not a zip archive (truncated: the archive's directory is at its
+            end), or a member's bytes do not match its CRC-32 (changed after it was written).
+    """
+    file = Path(path) / SHARDED_METADATA_FILE if is_sharded_checkpoint(path) else Path(path)
+    if not file.is_file():
+        return
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    fix = "give another checkpoint (e.g. an earlier one in the same checkpoints/ folder)"
+    if stat.st_size == 0:
+        raise ValueError(f"--ckpt_path {file} is empty (0 bytes): its write was interrupted; {fix}")
+    if not zipfile.is_zipfile(file):
+        raise ValueError(f"--ckpt_path {file}: not a readable PyTorch checkpoint (no zip directory at its end: "
+                         f"truncated, or not written by torch.save); {fix}")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(f"--ckpt_path {file} is corrupted or truncated ({error}); {fix}") from error
+    if bad is not None:
+        raise ValueError(f"--ckpt_path {file} is corrupted: its member {bad} does not match its CRC checksum "
+                         f"(the bytes changed after it was written); {fix}")
+    _VERIFIED.add(key)
+
+
 def load_checkpoint(path: str | Path, tensors: bool = True) -> dict[str, Any]:
     """A checkpoint on the CPU as one dictionary: a ``.ckpt`` file, or a sharded directory with its
     shards joined into whole tensors (the model's and the optimizer's; the whole state must fit in CPU
     memory). ``tensors=False`` reads a directory's ``meta.pt`` only and memory-maps a file: for the
-    hyperparameters and strategy settings without reading the weights."""
+    hyperparameters and strategy settings without reading the weights. The file is checked first
+    (:func:`check_checkpoint_file`)."""
+    check_checkpoint_file(path)
     if not is_sharded_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=False, mmap=not tensors)
     if not tensors:
@@ -53,10 +102,12 @@ def read_checkpoint(path: str | Path, required: tuple[str, ...]) -> dict[str, An
 
     Raises:
         FileNotFoundError: ``path`` is neither a file nor a sharded checkpoint directory.
-        ValueError: the file is not a PyTorch checkpoint, or lacks a required entry (not sparseft's).
+        ValueError: the file is not a PyTorch checkpoint, is empty, truncated or corrupted, or lacks a
+            required entry (not sparseft's).
     """
     if not is_checkpoint_path(path):
         raise FileNotFoundError(f"--ckpt_path {path}: no such file; give a checkpoint written by sparseft fit")
+    check_checkpoint_file(path)
     try:
         checkpoint = load_checkpoint(path)
     except Exception as error:  # torch raises several types for a file that is no checkpoint

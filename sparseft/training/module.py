@@ -47,7 +47,7 @@ class SparseFTModule(LightningModule):
         learning_rate: peak learning rate (the optimizer's ``lr``) for the backbone's parameters and
             for strategy groups that set none.
         weight_decay: weight decay of the backbone's matrices; never applied to biases and LayerNorm weights.
-        warmup_ratio: fraction of optimizer steps with linear learning-rate warm-up, followed by
+        warmup_ratio: fraction of optimizer steps (in [0, 1)) with linear learning-rate warm-up, followed by
             the ``lr_schedule``; the rate is ``step / warm-up`` (0 at the first step), as
             transformers' ``get_linear_schedule_with_warmup`` and the methods' reference scripts.
         adam_epsilon: AdamW epsilon (None: 1e-8); only with the default optimizer.
@@ -92,7 +92,8 @@ class SparseFTModule(LightningModule):
     ) -> None:
         super().__init__()
         check_options(optimizer, lr_scheduler, adam_epsilon=adam_epsilon, adam_betas=adam_betas,
-                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+                      lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio,
+                      learning_rate=learning_rate)
         self.save_hyperparameters()
         self._optimizer_factory, self._lr_scheduler_factory = optimizer, lr_scheduler
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here

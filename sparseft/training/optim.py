@@ -25,6 +25,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
+from sparseft.strategies.base import check_learning_rates
+
 OptimizerFactory = Callable[[Iterable], Optimizer]
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -36,8 +38,17 @@ ADAMW_BETAS = (0.9, 0.999)
 def check_options(
     optimizer: OptimizerFactory | None, lr_scheduler: LRSchedulerFactory | None, *, adam_epsilon: float | None,
     adam_betas: tuple[float, float] | None, lr_schedule: str | None, warmup_ratio: float, min_lr_ratio: float,
+    learning_rate: float | None = None,
 ) -> None:
-    """Refuse, with the fix, any option the chosen optimizer or schedule would not use."""
+    """Refuse, with the fix, any option the chosen optimizer or schedule would not use, and values no
+    schedule can follow: a negative learning rate (torch refuses it only once the run has started) and a
+    warm-up outside [0, 1) of the run (1.5 never reaches the learning rate; -0.1 would run as 0)."""
+    check_learning_rates("model", learning_rate=learning_rate)
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(
+            f"--model.warmup_ratio is {warmup_ratio}: it is the fraction of the optimizer steps spent warming up "
+            "the learning rate and must be in [0, 1) (e.g. 0.06)"
+        )
     if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
     adam = {"adam_epsilon": adam_epsilon, "adam_betas": adam_betas}
