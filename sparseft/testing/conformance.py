@@ -53,7 +53,9 @@ from sparseft.training.module import SparseFTModule
 STEPS = 10  # optimizer steps of every run, 4 batches per epoch
 RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a
 # plain DataLoader from its start when resuming mid-epoch)
-CHECKS = ("docstring", "yaml", "zeros", "logging", "resume", "fresh_masks", "export", "fsdp2")
+CHECKS = ("docstring", "yaml", "zeros", "precision", "logging", "resume", "fresh_masks", "export", "fsdp2")
+#: the reduced precisions a strategy trains under on the CPU (``16-mixed`` needs a GPU's gradient scaler)
+PRECISIONS = ("bf16-mixed", "bf16-true")
 #: how far FSDP2's weights may be from DDP's after :data:`STEPS` steps (the same sums, in another order
 #: on other machines; bit-identical on the CPU with gloo)
 FSDP2_WEIGHT_TOLERANCE = 1e-5
@@ -141,15 +143,34 @@ class _PrunedStayZero(Callback):
 def check_zeros(strategy: SparsityStrategy, root: Path) -> None:
     """The final sparsity is reached exactly (the pruned count of the strategy's rounding rule in every
     layer), and pruned weights are exactly zero after every optimizer step."""
+    _fit_to_target(strategy, root)
+    for sparse in strategy.layers:
+        assert int((sparse.layer.weight() == 0).sum()) >= int((~sparse.mask).sum()), sparse.name
+
+
+def _fit_to_target(strategy: SparsityStrategy, root: Path, **trainer_kwargs: Any) -> SparseFTModule:
+    """:func:`fit` with pruned weights checked to be exactly zero after every optimizer step, then every
+    layer's mask checked to prune exactly the count of the strategy's rounding rule at its final sparsity."""
     guard = _PrunedStayZero()
-    fit(strategy, root, callbacks=[guard])
+    _, module = fit(strategy, root, callbacks=[guard], **trainer_kwargs)
     assert guard.checked == STEPS
     for sparse in strategy.layers:
-        pruned = int((~sparse.mask).sum())
         expected = pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
-        assert pruned == expected, sparse.name
-        assert int((sparse.layer.weight() == 0).sum()) >= pruned, sparse.name
+        assert int((~sparse.mask).sum()) == expected, sparse.name
     assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
+    return module
+
+
+def check_precision(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
+    """Under each of :data:`PRECISIONS` (Lightning's autocast over float32 weights, and bfloat16 weights)
+    a fit finishes, every mask reaches the target exactly and pruned weights are exactly zero after every
+    optimizer step: what GPU users run, checked on the CPU. A strategy that ranks scores needing float32
+    (PST's ``addmm_`` of ``|W|`` with its factors) computes them in float32 itself."""
+    for precision in PRECISIONS:
+        module = _fit_to_target(make_strategy(), root / precision, precision=precision)
+        dtypes = {param.dtype for param in module.parameters() if param.is_floating_point()}
+        expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        assert dtypes == {expected}, f"{precision}: parameters in {dtypes}, expected {expected}"
 
 
 def check_logging(strategy: SparsityStrategy, root: Path) -> None:
@@ -362,6 +383,10 @@ class StrategyConformance:
     def test_reaches_target_exactly_and_pruned_stay_zero(self, request, tmp_path):
         self.expect(request, "zeros")
         check_zeros(self.make_strategy(), tmp_path)
+
+    def test_reaches_target_under_bf16_mixed_and_bf16_true(self, request, tmp_path):
+        self.expect(request, "precision")
+        check_precision(self.make_strategy, tmp_path)
 
     def test_logs_every_layers_sparsity_when_the_logger_writes(self, request, tmp_path):
         self.expect(request, "logging")
