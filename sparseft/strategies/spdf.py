@@ -29,13 +29,13 @@ Phase = Literal["sparse", "dense"]
 MaskInit = Literal["random", "magnitude"]
 
 
-@register_strategy("spdf")
 def batch_tokens(batch: Any) -> int:
     """Tokens of one batch on one rank: its attention mask's ones, or every input id without a mask."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+@register_strategy("spdf")
 class SPDF(SparsityStrategy):
     """Sparse pre-training with a static mask, then dense fine-tuning from zero (SPDF).
 
