@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sparseft.cli.command import main
+from sparseft.strategies import Magnitude
+from sparseft.testing.conformance import SaveAt, fit
 from sparseft.training.checkpointing import (
     LastIsNewest,
     SideBySideCheckpointIO,
@@ -71,6 +73,17 @@ def test_after_a_resume_last_ckpt_is_overwritten_with_the_newest_state(tiny_bert
                   f"--ckpt_path={step_4}"))
     assert sorted(path.name for path in root.rglob("last*.ckpt")) == ["last.ckpt"]
     assert ckpt_step(next(root.rglob("last.ckpt"))) == 10
+
+
+def test_a_resume_from_a_checkpoint_written_before_a_validation_runs_it(tmp_path):
+    """Validation every 3 steps; the checkpoint is written after step 6, before its validation. Lightning
+    skipped that validation on resume, leaving the dev metric of step 3 in every later checkpoint."""
+    validate_every_3 = dict(limit_val_batches=1, val_check_interval=3, check_val_every_n_epoch=None)
+    _, straight = fit(Magnitude(sparsity=0.5), tmp_path / "a", 8, callbacks=[SaveAt(6, tmp_path / "mid.ckpt")],
+                      **validate_every_3)
+    _, resumed = fit(Magnitude(sparsity=0.5), tmp_path / "b", 8, ckpt_path=str(tmp_path / "mid.ckpt"),
+                     **validate_every_3)
+    assert straight.dev_metric["step"] == 6 and resumed.dev_metric == straight.dev_metric
 
 
 def test_checkpoints_are_staged_next_to_the_target_not_in_the_temp_dir(tmp_path, monkeypatch):
