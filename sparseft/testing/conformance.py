@@ -97,7 +97,8 @@ def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_pat
     processes), under Lightning's ``trainer_strategy``."""
     module = tiny_module(model_type)
     trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=trainer_kwargs.pop("devices", 1),
+        max_steps=max_steps, accelerator=trainer_kwargs.pop("accelerator", "cpu"),
+        devices=trainer_kwargs.pop("devices", 1),
         logger=trainer_kwargs.pop("logger", False),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
         limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0), enable_checkpointing=False,
@@ -161,13 +162,15 @@ def _fit_to_target(strategy: SparsityStrategy, root: Path, **trainer_kwargs: Any
     return module
 
 
-def check_precision(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
-    """Under each of :data:`PRECISIONS` (Lightning's autocast over float32 weights, and bfloat16 weights)
-    a fit finishes, every mask reaches the target exactly and pruned weights are exactly zero after every
-    optimizer step: what GPU users run, checked on the CPU. A strategy that ranks scores needing float32
-    (PST's ``addmm_`` of ``|W|`` with its factors) computes them in float32 itself."""
-    for precision in PRECISIONS:
-        module = _fit_to_target(make_strategy(), root / precision, precision=precision)
+def check_precision(make_strategy: Callable[[], SparsityStrategy], root: Path,
+                    precisions: tuple[str, ...] = PRECISIONS, **trainer_kwargs: Any) -> None:
+    """Under each of ``precisions`` (by default :data:`PRECISIONS`: Lightning's autocast over float32
+    weights, and bfloat16 weights; ``16-mixed`` with its gradient scaler on a GPU) a fit finishes, every
+    mask reaches the target exactly and pruned weights are exactly zero after every optimizer step: what
+    GPU users run, the bfloat16 ones checked on the CPU. A strategy whose scores need float32 (PST's
+    ``addmm_`` of ``|W|`` with its factors) computes them in float32 itself."""
+    for precision in precisions:
+        module = _fit_to_target(make_strategy(), root / precision, precision=precision, **trainer_kwargs)
         dtypes = {param.dtype for param in module.parameters() if param.is_floating_point()}
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert dtypes == {expected}, f"{precision}: parameters in {dtypes}, expected {expected}"
@@ -387,6 +390,14 @@ class StrategyConformance:
     def test_reaches_target_under_bf16_mixed_and_bf16_true(self, request, tmp_path):
         self.expect(request, "precision")
         check_precision(self.make_strategy, tmp_path)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_reaches_target_under_16_mixed_on_a_gpu(self, request, tmp_path):
+        """float16 autocast with Lightning's gradient scaler, which skips steps whose gradients overflow:
+        the masks still reach the target and pruned weights stay zero."""
+        self.expect(request, "precision")
+        check_precision(self.make_strategy, tmp_path, ("16-mixed",), accelerator="gpu")
 
     def test_logs_every_layers_sparsity_when_the_logger_writes(self, request, tmp_path):
         self.expect(request, "logging")
