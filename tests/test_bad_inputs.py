@@ -321,6 +321,28 @@ def test_bad_input_is_one_line(name: str, shared: dict[str, Path], tiny_bert_dir
     assert digest(shared["checkpoint"].parents[3]) | digest(tiny_bert_dir) == before, "an existing file changed"
 
 
+@pytest.mark.parametrize("logger", [(), ("--trainer.logger=false",)], ids=["tensorboard", "no-logger"])
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.starts_run])
+def test_a_refused_resume_into_the_checkpoints_own_run_writes_no_file(name: str, logger: tuple[str, ...],
+                                                                      shared: dict[str, Path], tiny_bert_dir: Path,
+                                                                      capsys):
+    """A resume refused once Lightning has started, run in the directory of the run it resumes: no file
+    of that run changes, and no ``config.yaml`` or checkpoint is added (LightningCLI wrote the refused
+    configuration at setup, over the run's own ``config.yaml`` where the log directory is the same).
+    The one file a refused run still adds is the empty TensorBoard event file that Lightning's teardown
+    opens in a new version folder."""
+    original = shared["checkpoint"].parents[3]
+    paths = Paths(tiny_bert_dir, shared["data"], shared["checkpoint"], shared["stsb"], original.parent)
+    before = digest(original)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*CASES[name].args(paths), *logger])
+    assert exit_info.value.code == USAGE_ERROR_STATUS, capsys.readouterr().err
+    after = digest(original)
+    assert {path: value for path, value in after.items() if path in before} == before, "a file of the run changed"
+    added = [path for path in after if path not in before and not Path(path).name.startswith("events.out.tfevents")]
+    assert not added, f"the refused run wrote {added}"
+
+
 def test_debug_env_shows_the_traceback(shared, tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "1")
     paths = Paths(tiny_bert_dir, shared["data"], shared["checkpoint"], shared["stsb"], tmp_path)

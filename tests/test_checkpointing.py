@@ -17,15 +17,23 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sparseft.cli.command import main
-from sparseft.training.checkpointing import SideBySideCheckpointIO, fit_checkpoint_callbacks, with_checkpoint_io
+from sparseft.strategies import Magnitude
+from sparseft.testing.conformance import SaveAt, fit
+from sparseft.training.checkpointing import (
+    LastIsNewest,
+    SideBySideCheckpointIO,
+    fit_checkpoint_callbacks,
+    with_checkpoint_io,
+)
 from tests.test_cli import fit_args, sst2_dir  # noqa: F401  (fixture)
 
 
 def test_fit_adds_last_and_on_exception_checkpoints_unless_configured():
-    (added,) = fit_checkpoint_callbacks([])
-    assert added.save_last and added.save_on_exception
+    added, final = fit_checkpoint_callbacks([])
+    assert added.save_last and added.save_on_exception and isinstance(final, LastIsNewest)
     configured = ModelCheckpoint(save_last=False)
-    assert fit_checkpoint_callbacks([configured]) == [] and configured.save_last and configured.save_on_exception
+    (final,) = fit_checkpoint_callbacks([configured])
+    assert isinstance(final, LastIsNewest) and configured.save_last and configured.save_on_exception
     assert fit_checkpoint_callbacks([], enabled=False) == []
     io = SideBySideCheckpointIO()
     assert with_checkpoint_io(None)[0].__class__ is SideBySideCheckpointIO and with_checkpoint_io([io]) == [io]
@@ -35,6 +43,47 @@ def test_a_fit_that_ends_before_any_validation_leaves_last_ckpt(tiny_bert_dir, s
     root = tmp_path / "run"
     main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=3", "--trainer.val_check_interval=5"))
     assert [path.name for path in root.rglob("*.ckpt")] == ["last.ckpt"]
+
+
+def ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+EVERY_4_STEPS = ("--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1")
+
+
+def test_a_finished_fit_checkpoints_its_final_state_with_a_user_every_n_steps_checkpoint(
+        tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """Lightning saves "last" only when another save triggers: every 4 steps of a 10-step fit left
+    ``last.ckpt`` at step 8 (steps 9-10 in no file)."""
+    root = tmp_path / "run"
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=10", *EVERY_4_STEPS))
+    (last,) = root.rglob("last.ckpt")
+    assert ckpt_step(last) == 10
+
+
+def test_after_a_resume_last_ckpt_is_overwritten_with_the_newest_state(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """Resumed from a step checkpoint that did not record ``last.ckpt`` as its own, Lightning wrote
+    ``last-v1.ckpt`` beside the older ``last.ckpt``; now ``last.ckpt`` is replaced and is the newest."""
+    root, logger = tmp_path / "run", "--trainer.logger=false"  # one checkpoint folder for both runs
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=6", logger, *EVERY_4_STEPS))
+    (step_4,) = root.rglob("*step=4.ckpt")
+    main(fit_args(tiny_bert_dir, sst2_dir, root, "--trainer.max_steps=10", logger, *EVERY_4_STEPS,
+                  f"--ckpt_path={step_4}"))
+    assert sorted(path.name for path in root.rglob("last*.ckpt")) == ["last.ckpt"]
+    assert ckpt_step(next(root.rglob("last.ckpt"))) == 10
+
+
+def test_a_resume_from_a_checkpoint_written_before_a_validation_runs_it(tmp_path):
+    """Validation every 3 steps; the checkpoint is written after step 6, before its validation. Lightning
+    skipped that validation on resume, leaving the dev metric of step 3 in every later checkpoint."""
+    validate_every_3 = dict(limit_val_batches=1, val_check_interval=3, check_val_every_n_epoch=None)
+    _, straight = fit(Magnitude(sparsity=0.5), tmp_path / "a", 8, callbacks=[SaveAt(6, tmp_path / "mid.ckpt")],
+                      **validate_every_3)
+    _, resumed = fit(Magnitude(sparsity=0.5), tmp_path / "b", 8, ckpt_path=str(tmp_path / "mid.ckpt"),
+                     **validate_every_3)
+    assert straight.dev_metric["step"] == 6 and resumed.dev_metric == straight.dev_metric
 
 
 def test_checkpoints_are_staged_next_to_the_target_not_in_the_temp_dir(tmp_path, monkeypatch):

@@ -7,17 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sparseft.backbones.loading import load_backbone
 from sparseft.cli.command import run_command
 from sparseft.export.compressed import REMOTE_CODE_FILE, check_weight_format, load_compressed
 from sparseft.export.compressed_modeling import (
+    DIGESTS_KEY,
     SHAPES_KEY,
     WEIGHTS_FILE,
     decode_state_dict,
     encode_state_dict,
     pack_bitmask,
+    read_metadata,
     unpack_bitmask,
 )
 from sparseft.export.pretrained import export_pretrained
@@ -67,6 +70,74 @@ def test_decoding_refuses_a_foreign_or_corrupt_file():
     tensors["w.values"] = torch.tensor([3.0, 4.0])
     with pytest.raises(ValueError, match="corrupt compressed tensor w"):
         decode_state_dict(tensors, metadata)
+
+
+def _flip_four_bits(tensors: dict, metadata: dict, name: str) -> None:
+    """XOR 4 bits of a byte, 2 of them set and 2 clear: the set-bit count is unchanged."""
+    bitmask = tensors[f"{name}.bitmask"]
+    index = next(i for i, byte in enumerate(bitmask.tolist()) if bin(byte & 0b00111100).count("1") == 2)
+    bitmask[index] ^= 0b00111100
+
+
+def _move_a_kept_bit(tensors: dict, metadata: dict, name: str) -> None:
+    """Clear one set bit and set one clear bit of the same byte."""
+    bitmask = tensors[f"{name}.bitmask"]
+    index = next(i for i, byte in enumerate(bitmask.tolist()) if 0 < byte < 255)
+    byte = int(bitmask[index])
+    low_set = byte & -byte
+    low_clear = ~byte & (byte + 1)
+    bitmask[index] = byte ^ low_set ^ low_clear
+
+
+def _values_as_float16(tensors: dict, metadata: dict, name: str) -> None:
+    tensors[f"{name}.values"] = tensors[f"{name}.values"].half()
+
+
+def _name_removed_from_shapes(tensors: dict, metadata: dict, name: str) -> None:
+    shapes = json.loads(metadata[SHAPES_KEY])
+    del shapes[name]
+    metadata[SHAPES_KEY] = json.dumps(shapes)
+
+
+CORRUPTIONS = {"4 bits XOR'd": (_flip_four_bits, "its bytes differ"), "kept bit moved": (_move_a_kept_bit, "bytes"),
+               "values as float16": (_values_as_float16, "stored as float16, exported as float32"),
+               "name removed from shapes": (_name_removed_from_shapes, SHAPES_KEY)}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corruptions_that_keep_the_bit_count_are_refused_by_both_loaders(corruption, tmp_path):
+    """Each corruption keeps the mask's set-bit count equal to the number of values, so only the
+    per-tensor digest, the dtype check or the refusal of leftover entries can find it."""
+    export_pretrained(pruned_tiny("bert", "unstructured"), tmp_path, weight_format="compressed")
+    path = tmp_path / WEIGHTS_FILE
+    tensors, metadata = load_file(path), read_metadata(str(path))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    corrupt, words = CORRUPTIONS[corruption]
+    corrupt(tensors, metadata, name)
+    save_file(tensors, path, metadata=metadata)
+    remote = AutoModelForSequenceClassification.from_pretrained
+    for load in (load_compressed, lambda path: remote(path, trust_remote_code=True)):
+        with pytest.raises(ValueError, match=f"corrupt compressed tensor {name}: .*{words}"):
+            load(tmp_path)
+
+
+def test_an_export_without_digests_still_loads_and_keeps_the_checks_that_need_none():
+    sparse = torch.tensor([[0.0, 1.5, 0.0, 0.0], [0.0, 0.0, -2.0, 0.0]])
+    tensors, metadata = encode_state_dict({"a.weight": sparse})
+    del metadata[DIGESTS_KEY]  # as exports written before the digests
+    assert torch.equal(decode_state_dict(dict(tensors), metadata)["a.weight"], sparse)
+    with pytest.raises(ValueError, match="corrupt compressed tensor a.weight: values are torch.int64"):
+        decode_state_dict({**tensors, "a.weight.values": torch.tensor([1, 2])}, metadata)
+    with pytest.raises(ValueError, match=f"corrupt compressed tensor a.weight: .*not in {SHAPES_KEY}"):
+        decode_state_dict(dict(tensors), {**metadata, SHAPES_KEY: "{}"})
+
+
+def test_compressing_a_model_with_nothing_sparse_is_refused_before_writing(tmp_path):
+    torch.manual_seed(0)
+    dense = load_backbone("sequence-classification", config=tiny_config("bert"), num_labels=2)
+    with pytest.raises(ValueError, match="nothing would be compressed.*use --format dense"):
+        export_pretrained(dense, tmp_path / "out", weight_format="compressed")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))

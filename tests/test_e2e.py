@@ -177,6 +177,16 @@ def test_references_cut_at_max_length_are_reported(tiny_gpt2, tmp_path):
             "train", "train").__getitems__([0, 1])
 
 
+def test_a_training_mr_that_leaves_no_room_is_refused_when_the_split_is_prepared(tiny_gpt2, tmp_path):
+    """Training rows are tokenized lazily; the check on their MRs ran at the batch that held one, after the
+    run had written config.yaml and checkpoints. Preflight prepares the split, so it runs before the run."""
+    long_mr = "name[The Eagle], food[French], area[riverside]"
+    (tmp_path / "trainset.csv").write_text(f'mr,ref\n"name[A]",A.\n"{long_mr}",B.\n')
+    data = E2EDataModule(tokenizer=str(tiny_gpt2), data_dir=str(tmp_path), max_length=8)
+    with pytest.raises(ValueError, match="E2E: an MR of .* tokens leaves no room .* max_length 8"):
+        data._prepare("train", "train")
+
+
 def test_malformed_files_name_file_and_record(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text('mr,ref\n"name[A]",A is good.\n"name[B]",B is,extra\n')

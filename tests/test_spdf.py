@@ -140,14 +140,14 @@ class TokenBlocks(LightningDataModule):
         return DataLoader(self.rows, batch_size=self.batch_size)
 
 
-def fit_gpt2(spdf: SPDF, root: Path, steps: int, callbacks=(), ckpt_path=None, init_seed: int = 0,
+def fit_gpt2(spdf: SPDF, root: Path, steps: int, callbacks=(), ckpt_path=None, init_seed: int = 0, before=(),
              **kwargs) -> SparseFTModule:
     torch.manual_seed(init_seed)
     module = SparseFTModule(config=GPT2, task="causal-lm", learning_rate=1e-2, weight_decay=0.1,
                             adam_betas=(0.9, 0.95))
     trainer = Trainer(max_steps=steps, accelerator="cpu", devices=kwargs.pop("devices", 1), logger=kwargs.pop(
         "logger", False), enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        callbacks=[spdf, *callbacks], **kwargs)
+        callbacks=[*before, spdf, *callbacks], **kwargs)
     trainer.fit(module, TokenBlocks(), ckpt_path=ckpt_path)
     return module
 
@@ -271,6 +271,16 @@ def test_a_switch_after_the_last_step_is_warned_at_train_start(tmp_path):
         fit_gpt2(strategy, tmp_path, 3)
     assert len([w for w in warned if "dense_from_step" in str(w.message)]) == 1
     assert strategy.switched_at is None and not strategy.dense
+
+
+def test_a_checkpoint_written_after_the_optimizer_step_counts_the_batchs_tokens(tmp_path):
+    """``SaveAt`` placed before SPDF writes the checkpoint where an interrupt between the optimizer step and
+    SPDF's ``on_train_batch_end`` would: step 4 is done, so its tokens are in the count (it was 3 batches')."""
+    ckpt = tmp_path / "mid.ckpt"
+    strategy = SPDF(sparsity=0.75)
+    fit_gpt2(strategy, tmp_path / "run", 6, before=[SaveAt(4, ckpt)])
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"][strategy.state_key]
+    assert saved["tokens"] == 4 * 8 * 16 and strategy.tokens == 6 * 8 * 16
 
 
 @pytest.mark.parametrize("dense_from_step, saved_at", [(None, 4), (6, 4), (2, 4)],

@@ -27,7 +27,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sparseft import __version__
 from sparseft.backbones.loading import load_tokenizer
@@ -64,11 +64,32 @@ def _tokenizer_name(backbone: str | None, tokenizer: str | None) -> str | None:
     return tokenizer or backbone
 
 
+class SaveConfigWhenRunning(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` when the loop starts, after the checkpoint is restored and checked.
+
+    Lightning's callback writes it at ``setup``, before ``--ckpt_path`` is loaded: a resume refused then
+    (another strategy, other settings) had already replaced the resumed run's ``config.yaml`` by the
+    refused configuration. Nothing may be written before the checks pass.
+
+    Runs on: ``on_train_start`` / ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``,
+    whichever comes first.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        self._stage = stage  # written later, by the first loop that starts
+
+    def _save_once(self, trainer: Trainer, pl_module: Any) -> None:
+        super().setup(trainer, pl_module, self._stage)  # does nothing once saved
+
+    on_train_start = on_validation_start = on_test_start = on_predict_start = _save_once
+
+
 class SparseFTCLI(LightningCLI):
     """LightningCLI for a ``SparseFTModule``, any ``TextDataModule`` and one sparsity strategy."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveConfigWhenRunning)
         # strategy names in configuration files (class_path: magnitude), see sparseft.cli.strategy_names
         kwargs["parser_kwargs"] = {"parser_mode": register_parser_mode(), **kwargs.get("parser_kwargs", {})}
         # --optimizer / --lr_scheduler go to the module, which builds them from the strategies' groups

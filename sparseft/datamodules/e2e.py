@@ -131,7 +131,11 @@ class E2EDataModule(TextDataModule):
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         if split == "train":
-            return super()._prepare(name, split)  # tokenized lazily, batch by batch (encode)
+            prepared = super()._prepare(name, split)  # tokenized lazily, batch by batch (encode)
+            # its MRs now, so an MR that leaves no room is refused before the run writes anything (it fired
+            # at the batch holding it, after config.yaml and checkpoints were written)
+            self._prompts(sorted(set(prepared.raw["mr"])))
+            return prepared
         grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
         encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)

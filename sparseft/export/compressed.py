@@ -25,7 +25,13 @@ from torch import nn
 from transformers.utils import cached_file
 
 from sparseft.export import compressed_modeling
-from sparseft.export.compressed_modeling import HUB_KWARGS, WEIGHTS_FILE, compressed_load_kwargs, encode_state_dict
+from sparseft.export.compressed_modeling import (
+    HUB_KWARGS,
+    WEIGHTS_FILE,
+    compressed_load_kwargs,
+    encode_state_dict,
+    worth_compressing,
+)
 from sparseft.export.shrink import point_auto_map_
 
 WEIGHT_FORMATS = ("dense", "compressed")
@@ -42,6 +48,16 @@ def check_weight_format(weight_format: str, shrink: bool) -> None:
             "whole heads / FFN channels, which export removes physically (a smaller dense model): "
             "use --format dense"
         )
+
+
+def check_compressible(model: nn.Module, target_names: list[str]) -> None:
+    """Refuse ``--format compressed`` when no target layer's merged weight has enough zeros to be stored
+    as a bitmask (S²FT's merged weights are dense; a model with no target layers has nothing pruned):
+    the result would be a directory as large that needs ``trust_remote_code`` for nothing (all-zero
+    biases alone do not count). Called before anything is written."""
+    if not any(worth_compressing(model.get_submodule(name).weight) for name in target_names):
+        raise ValueError("--format compressed: no target layer's weight has enough zeros to be stored as a bitmask "
+                         "(nothing would be compressed): use --format dense")
 
 
 def add_compressed_code_(model: nn.Module, output_dir: str | Path) -> None:

@@ -10,7 +10,14 @@ entries instead of one, in ``model.sparseft-bitmask.safetensors``:
 
 Every other tensor is stored as it is, under its own name. The header metadata holds
 ``sparseft_format`` (``bitmask-v1``) and ``sparseft_shapes``, a JSON object mapping each
-compressed tensor's name to its shape; names not in it are plain tensors. A tensor is
+compressed tensor's name to its shape; names not in it are plain tensors. Exports written since
+issue 25 also hold ``sparseft_digests``: for every state-dict entry its dtype and the SHA-256 of
+its stored bytes (``.bitmask`` then ``.values`` for a compressed tensor), because a flipped or
+moved mask bit that keeps the bit count, values re-stored in another dtype, or a name dropped
+from ``sparseft_shapes`` (its weight then randomly initialised) all decode without any other
+error. Both loaders check them and refuse, naming the tensor, a digest or dtype that differs, an
+entry missing or left over; files without digests (older exports) still load, with the checks
+that need none (bit count, mask length and dtype, values floating point, no leftover pair). A tensor is
 compressed when that is smaller: ``ceil(numel/8) + nnz·itemsize < numel·itemsize``, i.e. more
 than 1/(8·itemsize) of it is zero (3.2% in float32). At 2:4 this costs the same bytes as
 compact values plus 2-bit positions (half the values and one bit per entry either way), and
@@ -26,6 +33,7 @@ This file must stay self-contained: it may import only torch, safetensors and tr
 """
 
 import contextlib
+import hashlib
 import json
 import math
 from typing import Any
@@ -38,6 +46,7 @@ from transformers.utils import cached_file
 WEIGHTS_FILE = "model.sparseft-bitmask.safetensors"
 FORMAT_KEY, FORMAT = "sparseft_format", "bitmask-v1"
 SHAPES_KEY = "sparseft_shapes"
+DIGESTS_KEY = "sparseft_digests"
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int64)
 
@@ -62,19 +71,35 @@ def bitmask_bytes(numel: int, nonzero: int, itemsize: int) -> int:
 
 def encode_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header metadata of the compressed file for a dense ``state_dict``."""
-    tensors, shapes = {}, {}
+    tensors, shapes, digests = {}, {}, {}
     for name, tensor in state_dict.items():
-        keep = tensor != 0
-        nonzero = int(keep.sum())
-        if tensor.is_floating_point() and bitmask_bytes(tensor.numel(), nonzero, tensor.element_size()) < (
-            tensor.numel() * tensor.element_size()
-        ):
-            tensors[f"{name}.bitmask"] = pack_bitmask(keep)
-            tensors[f"{name}.values"] = tensor[keep].contiguous()
+        if worth_compressing(tensor):
+            keep = tensor != 0
+            stored = [pack_bitmask(keep), tensor[keep].contiguous()]
+            tensors[f"{name}.bitmask"], tensors[f"{name}.values"] = stored
             shapes[name] = list(tensor.shape)
         else:
-            tensors[name] = tensor.contiguous()
-    return tensors, {"format": "pt", FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes)}
+            stored = [tensor.contiguous()]
+            tensors[name] = stored[0]
+        digests[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "sha256": digest(stored)}
+    return tensors, {"format": "pt", FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes),
+                     DIGESTS_KEY: json.dumps(digests)}
+
+
+def worth_compressing(tensor: torch.Tensor) -> bool:
+    """Whether a bitmask and the non-zero values take fewer bytes than ``tensor`` as it is."""
+    if not tensor.is_floating_point():
+        return False
+    nonzero = int(tensor.count_nonzero())
+    return bitmask_bytes(tensor.numel(), nonzero, tensor.element_size()) < tensor.numel() * tensor.element_size()
+
+
+def digest(stored: list[torch.Tensor]) -> str:
+    """SHA-256 (hex) of the bytes of ``stored``, in order: what one state-dict entry occupies in the file."""
+    sha = hashlib.sha256()
+    for tensor in stored:
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
 
 
 def decode_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -83,16 +108,61 @@ def decode_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         raise ValueError(f"not a sparseft compressed weight file: {FORMAT_KEY} is {metadata.get(FORMAT_KEY)!r}, "
                          f"expected {FORMAT!r}")
     shapes = json.loads(metadata[SHAPES_KEY])
+    digests = json.loads(metadata[DIGESTS_KEY]) if DIGESTS_KEY in metadata else None
+    stored = {name: [tensor] for name, tensor in tensors.items() if name not in _pair_names(shapes)}
+    leftover = sorted(name[: -len(".bitmask")] for name in stored
+                      if name.endswith(".bitmask") and f"{name[: -len('.bitmask')]}.values" in stored)
+    if leftover:
+        raise ValueError(f"corrupt compressed tensor {leftover[0]}: its .bitmask and .values are in the file but "
+                         f"the name is not in {SHAPES_KEY} (it would load randomly initialised)")
     state_dict = {}
     for name, shape in shapes.items():
-        bitmask, values = tensors.pop(f"{name}.bitmask"), tensors.pop(f"{name}.values")
-        keep = unpack_bitmask(bitmask, math.prod(shape))
-        if int(keep.sum()) != values.numel():
-            raise ValueError(f"corrupt compressed tensor {name}: {int(keep.sum())} mask bits, {values.numel()} values")
-        dense = values.new_zeros(keep.numel())
-        dense[keep] = values
+        pair = [tensors.get(f"{name}.bitmask"), tensors.get(f"{name}.values")]
+        keep = _checked_keep_mask(name, shape, *pair)
+        stored[name] = pair
+        dense = pair[1].new_zeros(keep.numel())
+        dense[keep] = pair[1]
         state_dict[name] = dense.view(shape)
-    return {**state_dict, **tensors}
+    if digests is not None:
+        _check_digests(digests, stored)
+    return {name: state_dict[name] if name in state_dict else parts[0] for name, parts in stored.items()}
+
+
+def _pair_names(shapes: dict[str, Any]) -> set[str]:
+    return {f"{name}.{part}" for name in shapes for part in ("bitmask", "values")}
+
+
+def _checked_keep_mask(name: str, shape: list[int], bitmask: torch.Tensor | None,
+                       values: torch.Tensor | None) -> torch.Tensor:
+    """The unpacked keep-mask of a compressed entry, refusing one whose mask or values are missing, of
+    the wrong dtype or of lengths that disagree."""
+    numel = math.prod(shape)
+    if bitmask is None or values is None:
+        raise ValueError(f"corrupt compressed tensor {name}: its .bitmask or .values is missing")
+    if bitmask.dtype != torch.uint8 or bitmask.numel() != math.ceil(numel / 8):
+        raise ValueError(f"corrupt compressed tensor {name}: bitmask of {bitmask.numel()} {bitmask.dtype}, expected "
+                         f"{math.ceil(numel / 8)} uint8 for shape {shape}")
+    if not values.is_floating_point():
+        raise ValueError(f"corrupt compressed tensor {name}: values are {values.dtype}, not floating point")
+    keep = unpack_bitmask(bitmask, numel)
+    if int(keep.sum()) != values.numel():
+        raise ValueError(f"corrupt compressed tensor {name}: {int(keep.sum())} mask bits, {values.numel()} values")
+    return keep
+
+
+def _check_digests(digests: dict[str, dict[str, str]], stored: dict[str, list[torch.Tensor]]) -> None:
+    """Refuse entries missing from or added to the file, and any whose dtype or bytes changed since export."""
+    for name in sorted(set(digests) ^ set(stored)):
+        where = "missing from the file" if name in digests else "not in the export's digests"
+        raise ValueError(f"corrupt compressed tensor {name}: {where}")
+    for name, parts in stored.items():
+        dtype = str(parts[-1].dtype).removeprefix("torch.")
+        if dtype != digests[name]["dtype"]:
+            raise ValueError(f"corrupt compressed tensor {name}: stored as {dtype}, exported as "
+                             f"{digests[name]['dtype']}")
+        if digest(parts) != digests[name]["sha256"]:
+            raise ValueError(f"corrupt compressed tensor {name}: its bytes differ from the export's SHA-256 "
+                             "(the file was changed or damaged after export)")
 
 
 def read_metadata(path: str) -> dict[str, str]:

@@ -43,7 +43,12 @@ from typing import Any
 
 from torch import nn
 
-from sparseft.export.compressed import add_compressed_code_, check_weight_format, compress_saved_weights_
+from sparseft.export.compressed import (
+    add_compressed_code_,
+    check_compressible,
+    check_weight_format,
+    compress_saved_weights_,
+)
 from sparseft.export.model_card import model_card
 from sparseft.export.report import build_report
 from sparseft.export.shrink import add_remote_code_, shrink_
@@ -86,6 +91,8 @@ def export_pretrained(
     target_names = [layer.name for layer in sparse_layers(model)]
     target_names += restore_linear_(model)  # S²FT slice layers: merged, original module types back
     merge_(model)
+    if weight_format == "compressed":
+        check_compressible(model, target_names)
     report = {**(extra or {}), **build_report(model, target_names, trained)}
     with staged_directory(target) as staging:
         if shrink:

@@ -22,6 +22,11 @@ class PSTImportance(nn.Module):
     that mask (as :class:`~sparseft.sparse.parametrize.SparseWeight` does) for gradients
     into ``W_eff``; the parameters A, B, R and C get theirs from autograd either way.
 
+    The score is computed in float32 whatever the weight's and the factors' dtype: under
+    ``bf16-mixed`` autocast hands ``W_eff`` over in bfloat16 while A, B, R and C stay float32
+    (``addmm_`` refuses the mix), and under ``bf16-true`` a bfloat16 score (8 bits of mantissa)
+    would tie many entries at the top-k threshold. Gradients reach A, B, R and C in their own dtype.
+
     Args:
         shape: ``(out_features, in_features)``.
         rank: ``r_m``, the rank of ``A·B``.
@@ -41,10 +46,12 @@ class PSTImportance(nn.Module):
         self.C = nn.Parameter(torch.zeros(in_features))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """The score in one full-size buffer: the data-driven part is the rank-``(r+2)`` product
-        ``[α1·A, α2·R, α2·1] · [B; 1ᵀ; Cᵀ]``, added to ``|W_eff|`` in place by ``addmm_``."""
-        ones_column = self.R.new_ones(self.R.shape[0], 1)
-        ones_row = self.C.new_ones(1, self.C.shape[0])
-        left = torch.cat([self.alpha1 * self.A, self.alpha2 * self.R.unsqueeze(1), self.alpha2 * ones_column], dim=1)
-        right = torch.cat([self.B, ones_row, self.C.unsqueeze(0)], dim=0)
-        return weight.detach().abs().addmm_(left, right)
+        """The float32 score in one full-size buffer: the data-driven part is the rank-``(r+2)``
+        product ``[α1·A, α2·R, α2·1] · [B; 1ᵀ; Cᵀ]``, added to ``|W_eff|`` in place by ``addmm_``."""
+        a, b, r, c = (factor.float() for factor in (self.A, self.B, self.R, self.C))
+        ones_column = r.new_ones(r.shape[0], 1)
+        ones_row = c.new_ones(1, c.shape[0])
+        left = torch.cat([self.alpha1 * a, self.alpha2 * r.unsqueeze(1), self.alpha2 * ones_column], dim=1)
+        right = torch.cat([b, ones_row, c.unsqueeze(0)], dim=0)
+        magnitude = weight.detach().to(torch.float32, copy=True).abs_()  # one full-size copy, in float32
+        return magnitude.addmm_(left, right)

@@ -29,6 +29,12 @@ Phase = Literal["sparse", "dense"]
 MaskInit = Literal["random", "magnitude"]
 
 
+def batch_tokens(batch: Any) -> int:
+    """Tokens of one batch on one rank: its attention mask's ones, or every input id without a mask."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 @register_strategy("spdf")
 class SPDF(SparsityStrategy):
     """Sparse pre-training with a static mask, then dense fine-tuning from zero (SPDF).
@@ -109,6 +115,9 @@ class SPDF(SparsityStrategy):
         self.dense = phase == "dense"  # no mask: the dense phase, or after the switch
         self.switched_at: int | None = None
         self.tokens = 0  # training tokens seen (all ranks)
+        #: the running batch: (optimizer steps before it, its tokens on all ranks), counted at its end
+        self._running: tuple[int, int] | None = None
+        self._trainer: Trainer | None = None
         self.flops: FlopCount | None = None
         self._prepared = False
         self._loaded = False
@@ -191,6 +200,7 @@ class SPDF(SparsityStrategy):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.step = trainer.global_step
+        self._trainer, self._running = trainer, (trainer.global_step, batch_tokens(batch) * trainer.world_size)
         if not self.dense and self.dense_from_step is not None and self.step >= self.dense_from_step:
             self._drop_masks(trainer.optimizers)
             refresh_ddp_buffers(trainer)  # DDP wrapped the model with the masks as buffers
@@ -205,9 +215,8 @@ class SPDF(SparsityStrategy):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         mask_weights_and_state_(self.layers, trainer.optimizers)
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        self.tokens += tokens * trainer.world_size
+        self.tokens += self._running[1] if self._running else batch_tokens(batch) * trainer.world_size
+        self._running = None
         if self.flops is not None:
             pl_module.log("flops/reduction", self.flops.reduction)
             pl_module.log("flops/tokens", float(self.tokens))
@@ -228,7 +237,16 @@ class SPDF(SparsityStrategy):
 
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "dense": self.dense, "switched_at": self.switched_at, "tokens": self.tokens}
+        return {**super().state_dict(), "dense": self.dense, "switched_at": self.switched_at,
+                "tokens": self.tokens + self._stepped_uncounted()}
+
+    def _stepped_uncounted(self) -> int:
+        """The running batch's tokens when its optimizer step is done but ``on_train_batch_end`` has not run
+        yet (a checkpoint written on an interrupt there has the step: without them the count is one batch short)."""
+        if self._running is None or self._trainer is None:
+            return 0
+        steps_before, tokens = self._running
+        return tokens if self._trainer.global_step > steps_before else 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

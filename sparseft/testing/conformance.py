@@ -53,7 +53,9 @@ from sparseft.training.module import SparseFTModule
 STEPS = 10  # optimizer steps of every run, 4 batches per epoch
 RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a
 # plain DataLoader from its start when resuming mid-epoch)
-CHECKS = ("docstring", "yaml", "zeros", "logging", "resume", "fresh_masks", "export", "fsdp2")
+CHECKS = ("docstring", "yaml", "zeros", "precision", "logging", "resume", "fresh_masks", "export", "fsdp2")
+#: the reduced precisions a strategy trains under on the CPU (``16-mixed`` needs a GPU's gradient scaler)
+PRECISIONS = ("bf16-mixed", "bf16-true")
 #: how far FSDP2's weights may be from DDP's after :data:`STEPS` steps (the same sums, in another order
 #: on other machines; bit-identical on the CPU with gloo)
 FSDP2_WEIGHT_TOLERANCE = 1e-5
@@ -95,7 +97,8 @@ def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_pat
     processes), under Lightning's ``trainer_strategy``."""
     module = tiny_module(model_type)
     trainer = Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=trainer_kwargs.pop("devices", 1),
+        max_steps=max_steps, accelerator=trainer_kwargs.pop("accelerator", "cpu"),
+        devices=trainer_kwargs.pop("devices", 1),
         logger=trainer_kwargs.pop("logger", False),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
         limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0), enable_checkpointing=False,
@@ -141,15 +144,36 @@ class _PrunedStayZero(Callback):
 def check_zeros(strategy: SparsityStrategy, root: Path) -> None:
     """The final sparsity is reached exactly (the pruned count of the strategy's rounding rule in every
     layer), and pruned weights are exactly zero after every optimizer step."""
+    _fit_to_target(strategy, root)
+    for sparse in strategy.layers:
+        assert int((sparse.layer.weight() == 0).sum()) >= int((~sparse.mask).sum()), sparse.name
+
+
+def _fit_to_target(strategy: SparsityStrategy, root: Path, **trainer_kwargs: Any) -> SparseFTModule:
+    """:func:`fit` with pruned weights checked to be exactly zero after every optimizer step, then every
+    layer's mask checked to prune exactly the count of the strategy's rounding rule at its final sparsity."""
     guard = _PrunedStayZero()
-    fit(strategy, root, callbacks=[guard])
+    _, module = fit(strategy, root, callbacks=[guard], **trainer_kwargs)
     assert guard.checked == STEPS
     for sparse in strategy.layers:
-        pruned = int((~sparse.mask).sum())
         expected = pruned_count(sparse.mask.numel(), strategy.final_sparsity, strategy.pruned_count_rule)
-        assert pruned == expected, sparse.name
-        assert int((sparse.layer.weight() == 0).sum()) >= pruned, sparse.name
+        assert int((~sparse.mask).sum()) == expected, sparse.name
     assert strategy.measured_sparsity() == pytest.approx(strategy.final_sparsity, abs=1e-3)
+    return module
+
+
+def check_precision(make_strategy: Callable[[], SparsityStrategy], root: Path,
+                    precisions: tuple[str, ...] = PRECISIONS, **trainer_kwargs: Any) -> None:
+    """Under each of ``precisions`` (by default :data:`PRECISIONS`: Lightning's autocast over float32
+    weights, and bfloat16 weights; ``16-mixed`` with its gradient scaler on a GPU) a fit finishes, every
+    mask reaches the target exactly and pruned weights are exactly zero after every optimizer step: what
+    GPU users run, the bfloat16 ones checked on the CPU. A strategy whose scores need float32 (PST's
+    ``addmm_`` of ``|W|`` with its factors) computes them in float32 itself."""
+    for precision in precisions:
+        module = _fit_to_target(make_strategy(), root / precision, precision=precision, **trainer_kwargs)
+        dtypes = {param.dtype for param in module.parameters() if param.is_floating_point()}
+        expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        assert dtypes == {expected}, f"{precision}: parameters in {dtypes}, expected {expected}"
 
 
 def check_logging(strategy: SparsityStrategy, root: Path) -> None:
@@ -362,6 +386,18 @@ class StrategyConformance:
     def test_reaches_target_exactly_and_pruned_stay_zero(self, request, tmp_path):
         self.expect(request, "zeros")
         check_zeros(self.make_strategy(), tmp_path)
+
+    def test_reaches_target_under_bf16_mixed_and_bf16_true(self, request, tmp_path):
+        self.expect(request, "precision")
+        check_precision(self.make_strategy, tmp_path)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_reaches_target_under_16_mixed_on_a_gpu(self, request, tmp_path):
+        """float16 autocast with Lightning's gradient scaler, which skips steps whose gradients overflow:
+        the masks still reach the target and pruned weights stay zero."""
+        self.expect(request, "precision")
+        check_precision(self.make_strategy, tmp_path, ("16-mixed",), accelerator="gpu")
 
     def test_logs_every_layers_sparsity_when_the_logger_writes(self, request, tmp_path):
         self.expect(request, "logging")

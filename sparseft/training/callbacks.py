@@ -147,3 +147,44 @@ class RandomState(Callback):
         state, self._pending = self._pending, None
         if state:
             self.restore(state["ranks"][trainer.global_rank] if "ranks" in state else state)
+
+
+class PendingValidation(Callback):
+    """Runs, after a resume, the validation that was due right after the checkpoint was written.
+
+    A checkpoint written in ``on_train_batch_end`` (every-n-steps saves, an interrupt) precedes the
+    validation Lightning runs at the end of that step; resumed from it, Lightning skips that validation
+    (it fast-forwards the validation counters), so the run's dev metric stayed the one before
+    (``sparseft_run.dev_metric`` at step 14 where the uninterrupted run validated at 21, in ``report``
+    and the model card). The checkpoint records whether a validation was due (``PENDING_KEY``); the
+    resumed run runs it before its first step, as the uninterrupted run did. ``SparseFTModule.
+    configure_callbacks`` adds it to every run.
+
+    Runs on: ``on_save_checkpoint``, ``on_load_checkpoint``, ``on_train_start``.
+    """
+
+    PENDING_KEY = "sparseft_validation_pending"
+
+    def __init__(self) -> None:
+        self._pending = False
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        loop, dev = trainer.fit_loop, getattr(pl_module, "dev_metric", None)
+        validated_here = dev is not None and dev["step"] == trainer.global_step  # e.g. the save at the end
+        checkpoint[self.PENDING_KEY] = bool(
+            trainer.training and not trainer.sanity_checking and not validated_here
+            and loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+        )
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending = bool(checkpoint.get(self.PENDING_KEY, False))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        val_loop.restarting = False  # a whole validation, not the rest of the one before the checkpoint
+        trainer.validating = True  # as Lightning's epoch loop runs it
+        val_loop.run()
+        trainer.training = True

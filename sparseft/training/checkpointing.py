@@ -3,6 +3,12 @@
 * :func:`fit_checkpoint_callbacks`: a checkpoint of the last state at the end of every fit, and
   one on an exception or Ctrl-C (Lightning's ``ModelCheckpoint(save_last=True,
   save_on_exception=True)``), whether or not a validation ever ran.
+* :class:`LastIsNewest`: ``last.ckpt`` is the final state of every finished fit and the newest
+  state after a resume. Lightning saves "last" only when another save triggers: with a user
+  ``ModelCheckpoint(every_n_train_steps=7)`` a 30-step fit's ``last.ckpt`` was step 28, and
+  ``export`` of it exported step 28. And a resume from a checkpoint that did not record
+  ``last.ckpt`` as its own (a top-k or a manual one) wrote ``last-v1.ckpt`` beside a stale
+  ``last.ckpt``, so ``--ckpt_path last.ckpt`` silently lost steps.
 * :class:`SideBySideCheckpointIO`: Lightning writes a checkpoint through an fsspec transaction,
   whose local files are staged with ``tempfile.mkstemp()`` in the system temporary directory;
   a kill mid-write leaves that partial file behind (hundreds of MB for a real model), and on
@@ -19,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
@@ -33,12 +40,40 @@ def fit_checkpoint_callbacks(configured: list[Any], enabled: bool = True) -> lis
         return []
     checkpoints = [callback for callback in configured if isinstance(callback, ModelCheckpoint)]
     if not checkpoints:
-        return [ModelCheckpoint(save_last=True, save_on_exception=True)]
+        return [ModelCheckpoint(save_last=True, save_on_exception=True), LastIsNewest()]
     if not any(checkpoint.save_last for checkpoint in checkpoints):
         checkpoints[0].save_last = True
     if not any(checkpoint.save_on_exception for checkpoint in checkpoints):
         checkpoints[0].save_on_exception = True
-    return []
+    return [LastIsNewest()]
+
+
+class LastIsNewest(Callback):
+    """Keeps ``last.ckpt`` the newest state: the final one of a finished fit, overwritten (not versioned
+    as ``last-v1.ckpt``) when a resumed run saves (see the module docstring).
+
+    Runs on: ``on_train_start`` (a resumed run takes over the existing ``last.ckpt``) and
+    ``on_train_end`` (saves the final state where no save happened at the last step).
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a fresh run keeps Lightning's versioning of another run's files
+            return
+        for checkpoint in _last_savers(trainer):
+            path = checkpoint.format_checkpoint_name(checkpoint._monitor_candidates(trainer),
+                                                     checkpoint.CHECKPOINT_NAME_LAST)
+            if checkpoint.file_exists(path, trainer):
+                checkpoint.last_model_path = path  # Lightning versions any other existing name
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for checkpoint in _last_savers(trainer):
+            if checkpoint._last_global_step_saved != trainer.global_step:
+                checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+
+
+def _last_savers(trainer: Trainer) -> list[ModelCheckpoint]:
+    return [callback for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.save_last]
 
 
 class SideBySideCheckpointIO(TorchCheckpointIO):

@@ -22,7 +22,7 @@ from sparseft.backbones.loading import Task, load_backbone
 from sparseft.datamodules.base import class_predictions, classification_metric_inputs
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
 from sparseft.strategies.registry import build_strategy
-from sparseft.training.callbacks import RandomState
+from sparseft.training.callbacks import PendingValidation, RandomState
 from sparseft.training.checkpoint_checks import read_checkpoint, state_mismatch
 from sparseft.training.distillation import distillation_loss
 from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options
@@ -259,9 +259,10 @@ class SparseFTModule(LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """Every run checkpoints its random generators, so a resumed run's dropout is the same, and
-        shows its hyperparameters, learning rates and sparsity pictures in TensorBoard."""
-        return [RandomState(), TensorBoardSummary()]
+        """Every run checkpoints its random generators, so a resumed run's dropout is the same, runs after a
+        resume the validation due at its checkpoint, and shows its hyperparameters, learning rates and
+        sparsity pictures in TensorBoard."""
+        return [RandomState(), TensorBoardSummary(), PendingValidation()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
