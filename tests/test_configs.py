@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparseft.cli.command import SparseFTCLI
-from sparseft.training.checkpointing import fit_checkpoint_callbacks
+from sparseft.training.checkpointing import LastIsNewest, fit_checkpoint_callbacks
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -46,7 +46,8 @@ def test_last_checkpoint_is_kept_beside_a_monitored_one():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     best = ModelCheckpoint(monitor="val/accuracy", mode="max", save_top_k=1)
-    assert fit_checkpoint_callbacks([best]) == [] and best.save_last and best.save_on_exception
+    added = fit_checkpoint_callbacks([best])
+    assert [type(callback) for callback in added] == [LastIsNewest] and best.save_last and best.save_on_exception
 
 
 def test_quickstart_instantiates_offline(tmp_path):

@@ -132,4 +132,5 @@ def test_the_package_passes_the_conformance_suite(site, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b7 passed, 1 skipped\b", summary), summary  # fresh_masks: masks do not follow scores
+    # skipped: fresh_masks (its masks do not follow scores) and the GPU precision check (no CUDA here)
+    assert re.search(r"\b8 passed, 2 skipped\b", summary), summary

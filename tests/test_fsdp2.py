@@ -93,12 +93,14 @@ def test_gpt2_and_llama_under_fsdp2_give_the_masks_and_weights_of_ddp(model_type
     check_fsdp2(strategy_class, init_args, tmp_path, model_type)
 
 
-def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, *extra: str) -> Path:
-    """``sparseft fit`` on 2 CPU processes under ``strategy``; returns its ``last.ckpt``."""
+def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, *extra: str, devices: int = 2
+                    ) -> Path:
+    """``sparseft fit`` on ``devices`` CPU processes under ``strategy``, in processes of its own (a process
+    group started in the test process would hold its port for later tests); returns its ``last.ckpt``."""
     args = [a for a in fit_args(model_dir, data_dir, root, *extra) if not a.startswith("--trainer.max_steps")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "sparseft", *args, "--trainer.max_steps=6",
-                             f"--trainer.strategy={strategy}", "--trainer.devices=2"], env=env,
+                             f"--trainer.strategy={strategy}", f"--trainer.devices={devices}"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (last,) = root.rglob("last.ckpt")
@@ -159,9 +161,7 @@ def test_fsdp2_trains_in_bf16(precision, tiny_bert_dir, sst2_dir, tmp_path):  # 
 
 def test_a_sharded_checkpoint_outside_fsdp2_is_refused_with_what_works(tiny_bert_dir, sst2_dir, tmp_path, capsys):  # noqa: F811
     """One process under fsdp2 writes a sharded checkpoint too; DDP or one device cannot read it."""
-    main([*fit_args(tiny_bert_dir, sst2_dir, tmp_path / "run"), "--trainer.max_steps=2", "--trainer.strategy=fsdp2",
-          "--trainer.devices=1"])
-    (checkpoint,) = (tmp_path / "run").rglob("last.ckpt")
+    checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "run", "fsdp2", devices=1)
     assert is_sharded_checkpoint(checkpoint)
     for command, advice in (("fit", "resume it with --trainer.strategy fsdp2 and as many processes as wrote it"),
                             ("validate", "python -m lightning.fabric.utilities.consolidate_checkpoint")):

@@ -10,6 +10,7 @@ import torch
 
 from sparseft.backbones.loading import load_backbone
 from sparseft.export.pretrained import export_pretrained
+from sparseft.sparse import prune_, sparsify
 from sparseft.testing import tiny_config
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -62,6 +63,8 @@ def test_shrink_latency_removes_the_units_it_reports(tiny_bert_dir):
 
 def test_latency_benchmark_loads_a_compressed_export(tmp_path):
     model = load_backbone("sequence-classification", config=tiny_config("bert"), num_labels=2)
+    layers = sparsify(model)
+    prune_(layers, [layer.dense().abs() for layer in layers], 0.5)  # something to compress
     export_pretrained(model, tmp_path, weight_format="compressed")
     loaded = script("latency").load_exported(tmp_path)
     assert type(loaded).__name__ == "CompressedBertForSequenceClassification"

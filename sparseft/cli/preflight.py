@@ -10,7 +10,7 @@ behind and costs the tokenization. So the command first checks, in this order, c
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
 3. that the data's ``max_length`` (or ``block_size``) fits the backbone's learned positions;
 4. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
-   checkpoint directory under FSDP2;
+   checkpoint directory under FSDP2, trained with this run's sparsity strategy and mask settings;
 5. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
@@ -23,8 +23,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from sparseft.backbones.loading import position_limit
-from sparseft.strategies.base import SparsityStrategy
-from sparseft.training.checkpoint_checks import check_checkpoint_file, is_checkpoint_path, is_sharded_checkpoint
+from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
+from sparseft.training.checkpoint_checks import (
+    check_checkpoint_file,
+    is_checkpoint_path,
+    is_sharded_checkpoint,
+    load_checkpoint,
+)
+from sparseft.training.resume import check_checkpoint_strategies
 
 # values of --ckpt_path that Lightning resolves itself
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -48,6 +54,15 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer, stage: str = 
         raise ValueError(f"{what}: run with --trainer.strategy fsdp2, or join its shards into one file first: "
                          f"python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path}")
     check_checkpoint_file(ckpt_path)  # Lightning's torch.load checks no checksum
+
+
+def check_checkpoint_strategy(ckpt_path: str | None, trainer: Trainer) -> None:
+    """Refuse a ``--ckpt_path`` trained with another sparsity strategy or other mask settings now, from
+    its metadata (no tensor is read), rather than when Lightning loads it, after the run has started."""
+    if ckpt_path is None or ckpt_path in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
+        return
+    strategies = [callback for callback in trainer.callbacks if isinstance(callback, SparsityStrategy)]
+    check_checkpoint_strategies(load_checkpoint(ckpt_path, tensors=False).get(CHECKPOINT_KEY), strategies)
 
 
 def check_trainer_options(trainer: Trainer) -> None:
@@ -84,5 +99,6 @@ def check_before_run(
             callback.check_model(model)
     check_sequence_length(model, datamodule)
     check_checkpoint_path(ckpt_path, trainer, stage)
+    check_checkpoint_strategy(ckpt_path, trainer)
     if datamodule is not None:
         datamodule.setup(stage)

@@ -26,7 +26,7 @@ from sparseft.training.callbacks import PendingValidation, RandomState
 from sparseft.training.checkpoint_checks import read_checkpoint, state_mismatch
 from sparseft.training.distillation import distillation_loss
 from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options
-from sparseft.training.resume import check_strategy_settings
+from sparseft.training.resume import check_checkpoint_strategies
 from sparseft.training.run_summary import RUN_KEY, choose_dev_metric, describe_data
 from sparseft.training.sharding import data_parallel_mesh, shard_backbone_
 from sparseft.training.tensorboard import TensorBoardSummary
@@ -283,22 +283,7 @@ class SparseFTModule(LightningModule):
         """Refuse, with a fix, a checkpoint whose strategy, or its mask settings, differ from this run's;
         restore the dev metric."""
         self.dev_metric = checkpoint.get(RUN_KEY, {}).get("dev_metric", self.dev_metric)
-        entry = checkpoint.get(CHECKPOINT_KEY) or {}
-        saved = entry.get("name") or entry.get("class_path")
-        current = [strategy.strategy_id for strategy in self.strategies()]
-        if saved and saved not in current:
-            raise ValueError(
-                f"this checkpoint was trained with sparsity strategy {saved!r}, but this run uses "
-                f"{current or 'none'}: run with --sparsity {saved} (and the same targets), or export it"
-            )
-        if not saved and current:
-            raise ValueError(
-                f"this checkpoint has no sparsity strategy, but this run uses {current}: resume it without "
-                "--sparsity, or start a new run from its weights"
-            )
-        for strategy in self.strategies():
-            if strategy.strategy_id == saved:
-                check_strategy_settings(checkpoint[CHECKPOINT_KEY], strategy)
+        check_checkpoint_strategies(checkpoint.get(CHECKPOINT_KEY), self.strategies())
 
     @classmethod
     def from_sparseft_checkpoint(cls, path: str | Path) -> tuple[SparseFTModule, SparsityStrategy | None]:

@@ -116,6 +116,28 @@ def _cli_value(value: Any) -> str:
     return json.dumps(value) if value is None or isinstance(value, (list, tuple, bool)) else str(value)
 
 
+def check_checkpoint_strategies(saved: dict[str, Any] | None, strategies: list[SparsityStrategy]) -> None:
+    """Refuse, with a fix, a checkpoint whose sparsity strategy (``saved``, its
+    :meth:`~SparsityStrategy.describe` entry, or None) or its mask settings differ from this run's
+    ``strategies``. The command checks it before the run starts, the module again when it loads."""
+    entry = saved or {}
+    name = entry.get("name") or entry.get("class_path")
+    current = [strategy.strategy_id for strategy in strategies]
+    if name and name not in current:
+        raise ValueError(
+            f"this checkpoint was trained with sparsity strategy {name!r}, but this run uses "
+            f"{current or 'none'}: run with --sparsity {name} (and the same targets), or export it"
+        )
+    if not name and current:
+        raise ValueError(
+            f"this checkpoint has no sparsity strategy, but this run uses {current}: resume it without "
+            "--sparsity, or start a new run from its weights"
+        )
+    for strategy in strategies:
+        if strategy.strategy_id == name:
+            check_strategy_settings(entry, strategy)
+
+
 def check_strategy_settings(saved: dict[str, Any], strategy: SparsityStrategy) -> None:
     """Refuse to resume ``strategy`` from a checkpoint whose strategy had other mask settings.
 
