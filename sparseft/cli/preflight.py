@@ -10,7 +10,8 @@ behind and costs the tokenization. So the command first checks, in this order, c
    match nothing, an N:M pattern that does not divide a layer, DSEE's ``num_sparse`` too large);
 3. that the data's ``max_length`` (or ``block_size``) fits the backbone's learned positions;
 4. that ``--ckpt_path`` names an existing file, not empty, truncated or corrupted, or a sharded (FSDP2)
-   checkpoint directory under FSDP2, trained with this run's sparsity strategy and mask settings;
+   checkpoint directory under FSDP2, trained with this run's sparsity strategy and mask settings and
+   for this task and model (tensor shapes);
 5. the data: the datamodule's ``setup`` for the command's stage reads and tokenizes it now
    (Lightning's own call then finds it done), so a missing, empty or malformed file is reported
    with its name and line before anything is written.
@@ -29,6 +30,7 @@ from sparseft.training.checkpoint_checks import (
     is_checkpoint_path,
     is_sharded_checkpoint,
     load_checkpoint,
+    shape_mismatch,
 )
 from sparseft.training.resume import check_checkpoint_strategies
 
@@ -56,13 +58,20 @@ def check_checkpoint_path(ckpt_path: str | None, trainer: Trainer, stage: str = 
     check_checkpoint_file(ckpt_path)  # Lightning's torch.load checks no checksum
 
 
-def check_checkpoint_strategy(ckpt_path: str | None, trainer: Trainer) -> None:
-    """Refuse a ``--ckpt_path`` trained with another sparsity strategy or other mask settings now, from
-    its metadata (no tensor is read), rather than when Lightning loads it, after the run has started."""
+def check_checkpoint_fits(ckpt_path: str | None, trainer: Trainer, model: nn.Module) -> None:
+    """Refuse now, from the checkpoint's metadata and tensor shapes (no tensor is read: a file is
+    memory-mapped), a ``--ckpt_path`` trained with another sparsity strategy or other mask settings, or for
+    another task or model; Lightning would find it only when it loads the checkpoint, after the run has
+    started writing. A sharded checkpoint's shapes are checked when it is loaded."""
     if ckpt_path is None or ckpt_path in NAMED_CHECKPOINTS or "://" in str(ckpt_path):
         return
+    checkpoint = load_checkpoint(ckpt_path, tensors=False)
     strategies = [callback for callback in trainer.callbacks if isinstance(callback, SparsityStrategy)]
-    check_checkpoint_strategies(load_checkpoint(ckpt_path, tensors=False).get(CHECKPOINT_KEY), strategies)
+    check_checkpoint_strategies(checkpoint.get(CHECKPOINT_KEY), strategies)
+    expected = {f"model.{key}": tensor for key, tensor in model.state_dict().items()}
+    mismatch = shape_mismatch(checkpoint.get("state_dict") or {}, expected)
+    if mismatch:
+        raise mismatch
 
 
 def check_trainer_options(trainer: Trainer) -> None:
@@ -99,6 +108,6 @@ def check_before_run(
             callback.check_model(model)
     check_sequence_length(model, datamodule)
     check_checkpoint_path(ckpt_path, trainer, stage)
-    check_checkpoint_strategy(ckpt_path, trainer)
+    check_checkpoint_fits(ckpt_path, trainer, model)
     if datamodule is not None:
         datamodule.setup(stage)

@@ -124,17 +124,26 @@ def read_checkpoint(path: str | Path, required: tuple[str, ...]) -> dict[str, An
     return checkpoint
 
 
-def state_mismatch(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> ValueError | None:
-    """The one-line reason a checkpoint's ``state_dict`` does not fit the model's (``expected``), or None."""
+def shape_mismatch(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> ValueError | None:
+    """The one-line reason tensors that a checkpoint's ``state_dict`` and the model's (``expected``) both
+    have differ in shape (another task's head, another model's sizes), or None."""
     sizes = [(key, tuple(saved[key].shape), tuple(tensor.shape)) for key, tensor in expected.items()
              if key in saved and isinstance(saved[key], torch.Tensor) and saved[key].shape != tensor.shape]
+    if not sizes:
+        return None
+    key, theirs, ours = sizes[0]
+    return ValueError(
+        f"--ckpt_path: {key} is {list(theirs)} in the checkpoint but {list(ours)} in this run ({len(sizes)} "
+        "tensors differ): it was trained for another task or model; use the data.task and model options it was "
+        "trained with, or start a new run"
+    )
+
+
+def state_mismatch(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> ValueError | None:
+    """The one-line reason a checkpoint's ``state_dict`` does not fit the model's (``expected``), or None."""
+    sizes = shape_mismatch(saved, expected)
     if sizes:
-        key, theirs, ours = sizes[0]
-        return ValueError(
-            f"--ckpt_path: {key} is {list(theirs)} in the checkpoint but {list(ours)} in this run ({len(sizes)} "
-            "tensors differ): it was trained for another task or model; use the data.task and model options it was "
-            "trained with, or start a new run"
-        )
+        return sizes
     missing = [key for key in expected if key not in saved]
     unexpected = [key for key in saved if key not in expected]
     if not missing and not unexpected:
