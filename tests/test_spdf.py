@@ -16,10 +16,11 @@ from transformers import AutoModelForSequenceClassification
 
 from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.flops import TransformerShape, flop_reduction, model_training_flops
+from sparseft.sparse.inplace import stored_keep
 from sparseft.sparse.masks import pruned_count
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.prune import prune_, sparsify
-from sparseft.sparse.static import PARAMETRIZED_SUFFIX, random_scores, stored_keep
+from sparseft.sparse.static import PARAMETRIZED_SUFFIX, random_scores
 from sparseft.strategies import SPDF
 from sparseft.testing import tiny_config
 from sparseft.testing.conformance import (

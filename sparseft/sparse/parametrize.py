@@ -23,6 +23,10 @@ Two pluggable pieces, both optional ``nn.Module``s:
 
 Masking is ``where(M, W, 0)``: no float copy of the mask per step, and a pruned weight that
 is inf or NaN contributes 0, not NaN.
+
+A mask can also be *held* in ``W0`` itself (:mod:`sparseft.sparse.inplace`): with ``W0`` kept
+exactly zero where ``M = 0``, ``M ⊙ W0 = W0`` and the forward returns the stored weight as it is,
+the plain dense forward (only a layer without ΔW and scores).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class SparseWeight(nn.Module):
         self.score = score
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.mask_from_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: ``W0`` holds the mask's zeros, so ``W_eff = W0`` (:func:`sparseft.sparse.inplace.hold_` sets it;
+        #: a new mask clears it). Not saved: a loaded ``W0`` holds whatever zeros it was saved with.
+        self.held = False
 
     def dense(self, stored: torch.Tensor) -> torch.Tensor:
         """``W0 + ΔW`` as ``[out, in]``, before masking."""
@@ -79,6 +86,8 @@ class SparseWeight(nn.Module):
         self.mask_from_scores = select
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        if self.held:  # W0 = M ⊙ W0 already: the dense forward and backward, nothing to mask
+            return stored
         weight = self.dense(stored)
         tracking = torch.is_grad_enabled()
         if self.score is None or (not tracking and self.mask_from_scores is None):  # scores only carry gradient
@@ -152,8 +161,13 @@ class SparseLayer:
         return self.param.mask
 
     def set_mask_(self, keep: torch.Tensor) -> None:
-        """Replace the keep-mask in place (same device, dtype bool)."""
+        """Replace the keep-mask in place (same device, dtype bool).
+
+        A held mask (:mod:`sparseft.sparse.inplace`) is released: ``W0`` holds the old mask's zeros, not
+        the new one's, so the forward masks again until :func:`~sparseft.sparse.inplace.hold_` zeroes them.
+        """
         self.param.mask.copy_(keep)
+        self.param.held = False
 
 
 def attach(

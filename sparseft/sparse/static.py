@@ -1,20 +1,17 @@
-"""Static masks (chosen once, SPDF's sparse phase), keeping pruned entries exactly zero, and
-removing the masks for dense training.
+"""Static masks (chosen once, SPDF's sparse phase), and removing them for dense training.
 
-Plain PyTorch, no Lightning: a loop calls :func:`random_scores` / ``prune_`` once, then
-:func:`mask_gradients_` before and :func:`mask_weights_and_state_` after every optimizer step,
-and :func:`densify_` to train the pruned weights again.
+Plain PyTorch, no Lightning: a loop calls :func:`random_scores` / ``prune_`` once, then holds the
+masks in the weights (:mod:`sparseft.sparse.inplace`: ``W0`` zero where pruned, gradients masked
+before and weights after every optimizer step), and :func:`densify_` to train the pruned weights again.
 
 What holds zeros where ``M = 0``, for a layer ``W_eff = M ⊙ W0``:
 
-* ``W_eff``: always (the parametrization's ``where(M, W0, 0)``);
-* ``∂L/∂W0``: exactly 0 by the same ``where`` (NaN and inf included); :func:`mask_gradients_`
-  makes it explicit, as the reference does, so nothing added to the gradient later leaks in;
-* under FSDP2 (sharded ``W0``, gradient and moments) each rank masks the rows it holds;
-* ``W0`` and AdamW's ``exp_avg`` / ``exp_avg_sq``: 0 once zeroed, and kept there by the
-  arithmetic when the gradient is 0 (``m ← β₁m + (1−β₁)·0``, ``W ← W(1 − ηλ) − η·0/(0+ε)``);
-  :func:`mask_weights_and_state_` re-applies the mask after every step anyway, as Cerebras'
-  static sparsity optimizer does, so another optimizer or a hand-edited weight cannot revive one.
+* ``W0``, hence ``W_eff``: zeroed when the mask is held, and after every optimizer step;
+* ``∂L/∂W0``: masked before every optimizer step (NaN and inf included), so nothing added to the
+  gradient leaks in;
+* AdamW's ``exp_avg`` / ``exp_avg_sq``: 0 from the start and kept there by the arithmetic, the
+  gradient being 0 (``m ← β₁m + (1−β₁)·0``); zeroed again at the switch to dense;
+* under FSDP2 (sharded ``W0``, gradient and moments) each rank masks the rows it holds.
 """
 
 from __future__ import annotations
@@ -26,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparseft.sparse.layers import as_out_in
+from sparseft.sparse.inplace import hold_, mask_weights_, release_
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import sparsify
-from sparseft.sparse.sharding import is_sharded, masked_fill_local_
+from sparseft.sparse.sharding import is_sharded
 
 PARAMETRIZED_SUFFIX = ".parametrizations.weight.original"
 
@@ -49,32 +46,6 @@ def random_scores(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
-def stored_keep(layer: SparseLayer) -> torch.Tensor:
-    """The keep-mask in the stored weight's layout (``[in, out]`` for HF ``Conv1D``)."""
-    return as_out_in(layer.mask, layer.layer.transposed)
-
-
-@torch.no_grad()
-def mask_gradients_(layers: list[SparseLayer]) -> None:
-    """``∂L/∂W0 ← where(M, ∂L/∂W0, 0)``: pruned gradients exactly 0 (NaN becomes 0)."""
-    for layer in layers:
-        grad = layer.stored_weight.grad
-        if grad is not None:
-            masked_fill_local_(grad, stored_keep(layer))
-
-
-@torch.no_grad()
-def mask_weights_and_state_(layers: list[SparseLayer], optimizers: list[torch.optim.Optimizer]) -> None:
-    """``W0 ← M ⊙ W0`` and every optimizer state tensor of ``W0``'s shape (Adam's moments) likewise."""
-    for layer in layers:
-        weight, keep = layer.stored_weight, stored_keep(layer)
-        masked_fill_local_(weight, keep)
-        for optimizer in optimizers:
-            for value in optimizer.state.get(weight, {}).values():
-                if torch.is_tensor(value) and value.shape == weight.shape:
-                    masked_fill_local_(value, keep)
-
-
 @torch.no_grad()
 def densify_(layers: list[SparseLayer]) -> None:
     """Remove the masks: ``W0`` zeroed where pruned becomes the layer's plain, fully trainable weight.
@@ -82,17 +53,18 @@ def densify_(layers: list[SparseLayer]) -> None:
     The parameter object is kept (``leave_parametrized=False`` re-registers ``W0`` itself), so an
     optimizer and DDP that hold it keep working; the pruned entries restart from 0.
 
-    Under FSDP2 (``W0`` sharded) the parametrization stays and its mask becomes all ones instead:
-    FSDP2 registered ``W0`` as the parametrization's ``original`` and gathers it there for every
-    forward, so removing the parametrization would leave the layer's weight out of the gathers.
-    ``where(1, W0, 0)`` is ``W0`` bit for bit and so is its gradient, so training is dense all the
-    same; the checkpoint keeps the all-ones masks, which merge (export) and a resume handle as any mask.
+    Under FSDP2 (``W0`` sharded) the parametrization stays and its mask becomes all ones, held
+    (:func:`~sparseft.sparse.inplace.hold_`: the forward returns ``W0``): FSDP2 registered ``W0`` as the
+    parametrization's ``original`` and gathers it there for every forward, so removing the
+    parametrization would leave the layer's weight out of the gathers. Training is dense all the same;
+    the checkpoint keeps the all-ones masks, which merge (export) and a resume handle as any mask.
     """
+    mask_weights_(layers)
+    release_(layers)
     for layer in layers:
-        weight, keep = layer.stored_weight, stored_keep(layer)
-        masked_fill_local_(weight, keep)
-        if is_sharded(weight):
+        if is_sharded(layer.stored_weight):
             layer.set_mask_(torch.ones_like(layer.mask))
+            hold_([layer])  # all ones: nothing to zero, whatever W0 is loaded later
         else:
             parametrize.remove_parametrizations(layer.layer.module, "weight", leave_parametrized=False)
 

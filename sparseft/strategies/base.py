@@ -13,6 +13,8 @@ overrides one or two of:
 Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 ``on_train_start`` (training length), ``on_train_batch_start`` (schedule step, mask update),
 ``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly); with
+``holds_masks_in_place``, ``on_before_optimizer_step`` and ``on_train_batch_end`` keep pruned
+gradients and weights at zero (the masks live in ``W0``; the forward is the dense one); with
 ``masks_follow_scores``, ``on_validation_start`` / ``on_test_start`` / ``on_predict_start`` /
 ``on_save_checkpoint`` too (masks recomputed from the scores the last optimizer step left).
 
@@ -38,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sparseft.sparse.inplace import can_hold, hold_, mask_gradients_, mask_weights_, release_
 from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.masks import CountRule, check_sparsity
 from sparseft.sparse.measure import count_parameters
@@ -85,6 +88,13 @@ class SparsityStrategy(Callback):
     #: (FSDP2), one layer at a time where they can; otherwise the base class gathers every target
     #: layer around an overridden one (correct, but a whole copy of the targets for the update).
     gathers_what_it_reads: ClassVar[bool] = False
+    #: A weight once pruned never returns (a static mask, or scores that include the mask, as
+    #: magnitude's ``|W| ⊙ M``), so during training the masks are held in ``W0`` itself
+    #: (:mod:`sparseft.sparse.inplace`): ``W0`` zero where pruned, gradients masked before and
+    #: weights after every optimizer step, and the plain dense forward. Only for methods without
+    #: ΔW and straight-through scores; the results are the masking forward's, bit for bit (the
+    #: conformance suite checks it), except ``W0`` where pruned (0 instead of a value nothing reads).
+    holds_masks_in_place: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Record each instance's constructor arguments, so a checkpoint can rebuild it."""
@@ -218,6 +228,11 @@ class SparsityStrategy(Callback):
         if not self.layers:
             self.check_model(model)
             self.layers = sparsify(model, self.targets, self.make_delta, self.make_score, self.freeze_base)
+            if self.holds_masks_in_place and not all(can_hold(layer) for layer in self.layers):
+                raise ValueError(
+                    f"{type(self).__name__} sets holds_masks_in_place, but its layers have ΔW or scores, which "
+                    "only a masking forward applies: set holds_masks_in_place = False"
+                )
             self._measure()
         return self.layers
 
@@ -318,6 +333,13 @@ class SparsityStrategy(Callback):
         trainable, all_params = count_parameters(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
+        self._hold_if_fixed()
+
+    def _hold_if_fixed(self) -> None:
+        """Hold the masks in ``W0`` (``holds_masks_in_place``): after the checkpoint, if any, was loaded
+        and after every mask update, outside any gathering of sharded layers."""
+        if self.holds_masks_in_place and self.layers:
+            hold_(self.layers)
 
     def target_sparsity(self, step: int) -> float:
         """The scheduled sparsity; the last step always has the final one, so it is checkpointed."""
@@ -341,10 +363,17 @@ class SparsityStrategy(Callback):
         else:
             with self._gathered_unless_base("update_masks"):
                 self.update_masks(sparsity)
+            self._hold_if_fixed()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.holds_masks_in_place:  # what the masking forward's backward gives
+            mask_gradients_(self.layers)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.holds_masks_in_place:  # the optimizer step may have moved pruned weights (their moments)
+            mask_weights_(self.layers)
         if self._masks_pending:  # the forward has set them
             self._measure()
             self._masks_pending = False
@@ -355,6 +384,7 @@ class SparsityStrategy(Callback):
             pl_module.log_dict({f"sparsity/layer/{name}": value for name, value in self._measured.items()})
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        release_(self.layers)  # what runs after training may load other weights (the best checkpoint)
         if self.applied_sparsity != self.final_sparsity:
             rank_zero_warn(
                 f"training ended at sparsity {self.applied_sparsity:.4f} before the schedule reached "

@@ -19,7 +19,12 @@ class Magnitude(SparsityStrategy):
     so masks only shrink, as in Zhu & Gupta's TensorFlow implementation. The default schedule
     is their cubic ramp ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n·Δt))³`` (eq. 1).
 
+    Since a pruned weight never returns, its mask is held in ``W`` itself during training
+    (``holds_masks_in_place``, :mod:`sparseft.sparse.inplace`): pruned weights stored as zeros, their
+    gradients masked before every optimizer step, and the plain dense forward.
+
     Runs on: ``on_train_batch_start`` (mask update when the scheduled sparsity changes),
+    ``on_before_optimizer_step`` / ``on_train_batch_end`` (pruned gradients, then weights, zeroed),
     ``on_train_end`` (final sparsity exactly).
 
     Args:
@@ -29,6 +34,8 @@ class Magnitude(SparsityStrategy):
         pattern: ``layer``, ``global`` or ``N:M`` (e.g. ``2:4``).
         log_layers: log every target layer's sparsity.
     """
+
+    holds_masks_in_place = True
 
     def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
         return layer.dense().abs() * layer.mask

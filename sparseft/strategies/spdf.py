@@ -11,16 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from sparseft.sparse.flops import FlopCount, model_training_flops
+from sparseft.sparse.inplace import mask_optimizer_state_, mask_weights_
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.schedules import SparsitySchedule
-from sparseft.sparse.static import (
-    PARAMETRIZED_SUFFIX,
-    densify_,
-    load_densified_,
-    mask_gradients_,
-    mask_weights_and_state_,
-    random_scores,
-)
+from sparseft.sparse.static import PARAMETRIZED_SUFFIX, densify_, load_densified_, random_scores
 from sparseft.sparse.targets import TargetSpec
 from sparseft.strategies.base import SparsityStrategy, refresh_ddp_buffers
 from sparseft.strategies.registry import register_strategy
@@ -45,10 +39,11 @@ class SPDF(SparsityStrategy):
     uniform random scores seeded by ``(seed, parameter name)`` (identical on every rank, in every
     run, whatever the module order) or by ``|W0|``. Then
 
-        W_eff = M ⊙ W0,    W0 ← M ⊙ W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0,    m, v ← M ⊙ m, M ⊙ v
+        W0 ← M ⊙ W0,    W_eff = W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0 before and W0 ← M ⊙ W0 after every step
 
-    (weights, gradients and Adam moments masked, as Cerebras' static sparsity), so neither
-    momentum nor weight decay revives a pruned weight. The mask never changes; it is a buffer
+    (the mask held in the weights, :mod:`sparseft.sparse.inplace`, as Cerebras' static sparsity: the
+    forward is the plain dense one), so neither momentum nor weight decay revives a pruned weight;
+    Adam's moments stay 0 where pruned, their gradient being 0. The mask never changes; it is a buffer
     in every checkpoint. With ``dense_from_step`` the run switches to dense at that optimizer
     step (Variable SPDF): pruned weights and their optimizer moments are zeroed, the mask and
     its hooks removed, and every weight trains from there. Under FSDP2 the parametrization, which
@@ -68,7 +63,7 @@ class SPDF(SparsityStrategy):
     Runs on: ``setup`` (mask chosen, or dense weights loaded), ``on_train_start`` (FLOPs per token; a
     warning when ``dense_from_step`` falls after the last step),
     ``on_train_batch_start`` (the Variable-SPDF switch), ``on_before_optimizer_step`` (gradients
-    masked), ``on_train_batch_end`` (weights and optimizer state masked; FLOPs and sparsity logged),
+    masked), ``on_train_batch_end`` (weights masked; FLOPs and sparsity logged),
     ``on_train_end`` (FLOP summary).
 
     Args:
@@ -87,6 +82,8 @@ class SPDF(SparsityStrategy):
             M consecutive inputs, the layout of 2:4 sparse tensor cores.
         log_layers: log every target layer's sparsity.
     """
+
+    holds_masks_in_place = True
 
     def __init__(
         self,
@@ -143,7 +140,7 @@ class SPDF(SparsityStrategy):
             self._drop_masks()
 
     def _drop_masks(self, optimizers: list[torch.optim.Optimizer] = ()) -> None:
-        mask_weights_and_state_(self.layers, list(optimizers))  # zero value and zero moments at the switch
+        mask_optimizer_state_(self.layers, list(optimizers))  # pruned weights restart from zero moments
         densify_(self.layers)
         self.layers, self._measured, self.applied_sparsity, self.dense = [], {}, 0.0, True
 
@@ -155,7 +152,7 @@ class SPDF(SparsityStrategy):
             for layer, keep in zip(self.layers, masks, strict=True):
                 layer.set_mask_(keep)
             self._measure()
-        mask_weights_and_state_(self.layers, [])
+        mask_weights_(self.layers)
         self._prepared = True
 
     # ---- Lightning hooks -----------------------------------------------------------------
@@ -208,13 +205,9 @@ class SPDF(SparsityStrategy):
             rank_zero_info(f"sparseft: SPDF switches to dense training at step {self.step}")
             self._count_flops(trainer, pl_module)
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        mask_gradients_(self.layers)
-
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        mask_weights_and_state_(self.layers, trainer.optimizers)
         self.tokens += self._running[1] if self._running else batch_tokens(batch) * trainer.world_size
         self._running = None
         if self.flops is not None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from sparseft.cli.strategy_names import register_parser_mode
 from sparseft.export.pretrained import export_pretrained
+from sparseft.sparse.inplace import stored_keep
 from sparseft.sparse.masks import pruned_count, topk_mask
 from sparseft.sparse.parametrize import sparse_layers
 from sparseft.sparse.sharding import whole_parameters
@@ -53,7 +54,8 @@ from sparseft.training.module import SparseFTModule
 STEPS = 10  # optimizer steps of every run, 4 batches per epoch
 RESUME_STEP = 4  # the interrupted run's checkpoint: on an epoch boundary (Lightning replays a
 # plain DataLoader from its start when resuming mid-epoch)
-CHECKS = ("docstring", "yaml", "zeros", "precision", "logging", "resume", "fresh_masks", "export", "fsdp2")
+CHECKS = ("docstring", "yaml", "zeros", "precision", "logging", "resume", "fresh_masks", "export", "in_place",
+          "fsdp2")
 #: the reduced precisions a strategy trains under on the CPU (``16-mixed`` needs a GPU's gradient scaler)
 PRECISIONS = ("bf16-mixed", "bf16-true")
 #: how far FSDP2's weights may be from DDP's after :data:`STEPS` steps: the same sums, some in another
@@ -284,6 +286,35 @@ def check_export(strategy: SparsityStrategy, root: Path) -> None:
     assert not any("parametrizations" in key for key in plain.state_dict())
 
 
+def check_in_place(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
+    """For ``holds_masks_in_place`` strategies: the run with the masks held in ``W0`` (the dense forward)
+    ends with the masks, effective weights, every other parameter and the optimizer state of the same run
+    masking in the forward, bit for bit; only ``W0`` where pruned differs (0 there). A method whose
+    pruned weights can return (their stale value read again) fails here."""
+    held = make_strategy()
+    if not held.holds_masks_in_place:
+        pytest.skip("holds_masks_in_place is off: the masks are applied in the forward")
+    masking = make_strategy()
+    masking.holds_masks_in_place = False  # this instance only
+    runs = [_end_state(*fit(held, root / "held"), held), _end_state(*fit(masking, root / "masking"), masking)]
+    for layer in held.layers:
+        assert (layer.stored_weight[~stored_keep(layer)] == 0).all(), f"{layer.name}: W0 should be 0 where pruned"
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), f"{key} differs between the held and the masking run"
+    assert runs[0].keys() == runs[1].keys()
+
+
+def _end_state(trainer: Trainer, module: SparseFTModule, strategy: SparsityStrategy) -> dict[str, torch.Tensor]:
+    """Masks, effective weights, the model's other tensors (not ``W0``) and the optimizer state."""
+    state = {key: value for key, value in module.state_dict().items() if not key.endswith(".original")}
+    state.update({f"{layer.name}.effective_weight": layer.layer.weight().detach() for layer in strategy.layers})
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    state.update({f"optimizer: {names[id(parameter)]}/{key}": value
+                  for optimizer in trainer.optimizers for parameter, values in optimizer.state.items()
+                  for key, value in values.items() if torch.is_tensor(value)})
+    return state
+
+
 _FSDP2_SCRIPT = """
 import json, sys
 from sparseft.testing.conformance import fsdp2_and_ddp_runs
@@ -414,6 +445,10 @@ class StrategyConformance:
     def test_export_from_the_checkpoint_gives_identical_logits(self, request, tmp_path):
         self.expect(request, "export")
         check_export(self.make_strategy(), tmp_path)
+
+    def test_masks_held_in_the_weights_give_the_masking_forwards_results(self, request, tmp_path):
+        self.expect(request, "in_place")
+        check_in_place(self.make_strategy, tmp_path)
 
     @pytest.mark.slow
     def test_fsdp2_gives_the_masks_and_weights_of_ddp(self, request, tmp_path):

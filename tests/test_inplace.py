@@ -1,0 +1,103 @@
+"""Masks held in the weights (sparseft.sparse.inplace): the dense forward, the masking forward's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparseft.sparse.deltas import LowRank
+from sparseft.sparse.inplace import hold_, mask_gradients_, mask_weights_, release_, stored_keep
+from sparseft.sparse.prune import prune_, sparsify
+from sparseft.sparse.schedules import SparsitySchedule
+from sparseft.sparse.scores import LearnedScores
+from sparseft.strategies import Magnitude
+from sparseft.testing import tiny_config
+from sparseft.testing.conformance import check_in_place
+from sparseft.training.module import SparseFTModule
+
+
+def gpt2_layers(sparsity: float = 0.5) -> tuple[nn.Module, list]:
+    """A tiny GPT-2 (``Conv1D``: ``W0`` stored ``[in, out]``) with magnitude masks at ``sparsity``."""
+    torch.manual_seed(0)
+    model = SparseFTModule(config=tiny_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+                           task="causal-lm").model
+    layers = sparsify(model)
+    prune_(layers, [layer.dense().abs() for layer in layers], sparsity)
+    return model, layers
+
+
+def test_a_held_layer_returns_its_stored_weight_zeroed_where_pruned():
+    model, layers = gpt2_layers()
+    expected = [layer.layer.weight().detach().clone() for layer in layers]
+    hold_(layers)
+    for layer, weight in zip(layers, expected, strict=True):
+        assert layer.layer.module.weight is layer.stored_weight  # no where(), no temporary
+        assert torch.equal(layer.layer.weight(), weight)
+        assert layer.stored_weight.t().eq(0).sum() >= (~layer.mask).sum()
+
+
+def test_held_and_masking_forwards_give_the_same_loss_and_masked_gradients():
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for held in (False, True):
+        model, layers = gpt2_layers()
+        if held:
+            hold_(layers)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        mask_gradients_(layers)
+        grads[held] = (loss.detach(), [layer.stored_weight.grad.clone() for layer in layers])
+    assert torch.equal(grads[False][0], grads[True][0])
+    for masking, holding in zip(grads[False][1], grads[True][1], strict=True):
+        torch.testing.assert_close(holding, masking, rtol=0, atol=1e-7)
+
+
+def test_a_new_mask_releases_the_hold_until_the_newly_pruned_weights_are_zeroed():
+    _, layers = gpt2_layers(0.25)
+    hold_(layers)
+    layer = layers[0]
+    prune_([layer], [layer.dense().abs()], 0.75)  # more pruned; W0 still holds the old values there
+    assert not layer.param.held
+    assert torch.equal(layer.layer.weight(), torch.where(layer.mask, layer.dense(), 0.0))
+    hold_([layer])
+    assert layer.param.held and (layer.stored_weight[~stored_keep(layer)] == 0).all()
+
+
+def test_weights_moved_where_pruned_are_zeroed_again_and_release_masks_in_the_forward():
+    _, layers = gpt2_layers()
+    hold_(layers)
+    layer = layers[0]
+    with torch.no_grad():
+        layer.stored_weight.add_(1.0)  # what an optimizer step with old moments does
+    mask_weights_([layer])
+    assert (layer.stored_weight[~stored_keep(layer)] == 0).all()
+    release_([layer])
+    with torch.no_grad():
+        layer.stored_weight.add_(1.0)
+    assert (layer.layer.weight()[~layer.mask] == 0).all()
+
+
+@pytest.mark.parametrize("attached", ["delta", "score"])
+def test_a_layer_with_delta_or_scores_is_not_held(attached):
+    model = SparseFTModule(config=tiny_config("bert"), num_labels=2).model
+
+    make_delta = (lambda layer: LowRank(layer.shape, 2)) if attached == "delta" else None
+    make_score = (lambda layer: LearnedScores(layer.shape)) if attached == "score" else None
+    layers = sparsify(model, make_delta=make_delta, make_score=make_score)
+    with pytest.raises(ValueError, match="not held"):
+        hold_(layers)
+
+
+class Regrowing(Magnitude):
+    """Random masks drawn again at every update, so pruned weights return with the value they had, which
+    holding the mask in ``W0`` (their value zeroed) cannot reproduce: it must not claim to hold."""
+
+    def layer_scores(self, layer):
+        return torch.rand(layer.mask.shape, generator=torch.Generator().manual_seed(self.step))
+
+
+def test_the_in_place_check_catches_a_strategy_whose_pruned_weights_return(tmp_path):
+    with pytest.raises(AssertionError, match="differs between the held and the masking run"):
+        check_in_place(lambda: Regrowing(sparsity=0.5, schedule=SparsitySchedule("linear", initial_warmup=0.0,
+                                                                                 final_warmup=0.5)), tmp_path)
