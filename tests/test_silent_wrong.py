@@ -58,10 +58,10 @@ def test_options_the_user_set_win_unset_ones_come_from_the_checkpoint_and_config
     fitted, tiny_bert_dir, sst2_dir, tmp_path, caplog  # noqa: F811
 ):
     args = run_args("validate", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={fitted}",
-                    "--model.learning_rate=0.005", "--trainer.limit_val_batches=1")
+                    "--model.learning_rate=0.005", "--trainer.limit_val_batches=1", f"--output_dir={tmp_path}")
     with caplog.at_level("INFO"):
         run_command(without(args, "--model.backbone"))
-    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())["model"]
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
     assert saved["learning_rate"] == 0.005 and saved["backbone"] == str(tiny_bert_dir)
     assert "model.learning_rate=0.005 (this run's; the checkpoint's was 0.001)" in caplog.text
     assert f"model.backbone='{tiny_bert_dir}' (the checkpoint's; default None)" in caplog.text
@@ -129,11 +129,12 @@ def test_an_exported_model_predicts_with_backbone_weights_as_its_checkpoint_does
 ):
     exported = tmp_path / "exported"
     run_command(["export", f"--ckpt_path={fitted}", f"--output_dir={exported}"])
-    run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path / "ckpt", f"--ckpt_path={fitted}"))
+    run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={fitted}",
+                         f"--output_dir={tmp_path / 'ckpt'}"))
     run_command(run_args("predict", exported, sst2_dir, tmp_path / "export", "--sparsity=null",
                          "--backbone_weights=true"))
-    from_checkpoint = next((tmp_path / "ckpt").rglob("predictions.tsv")).read_text()  # in the run directory
-    assert from_checkpoint == next((tmp_path / "export").rglob("predictions.tsv")).read_text()
+    from_checkpoint = (tmp_path / "ckpt" / "SST-2.tsv").read_text()
+    assert from_checkpoint == (tmp_path / "export" / "predict" / "SST-2.tsv").read_text()  # under default_root_dir
     assert len(from_checkpoint.splitlines()) == len(SENTENCES) + 1
 
 
