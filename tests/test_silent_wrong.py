@@ -17,7 +17,7 @@ from sparseft.strategies import DSEE, PST, Magnitude
 from sparseft.strategies.base import CHECKPOINT_KEY
 from sparseft.testing import tiny_config
 from sparseft.training.module import SparseFTModule
-from sparseft.training.resume import check_strategy_settings, merge_model_options
+from sparseft.training.resume import check_strategy_settings, merge_model_options, strategy_for_evaluation
 from tests.test_cli import SENTENCES, fit_args, last_checkpoint, sst2_dir  # noqa: F401
 
 DEFAULTS = {"backbone": None, "config": None, "tokenizer": None, "learning_rate": 2e-5, "weight_decay": 0.0}
@@ -97,6 +97,19 @@ def test_strategy_settings_that_move_masks_must_match_and_others_may_change():
         check_strategy_settings(saved, Magnitude(sparsity=0.5, targets=["q"]))
     dsee = DSEE(sparsity=0.5).describe()
     check_strategy_settings(dsee, DSEE(sparsity=0.5, learning_rate=1e-3, retune_learning_rate=1e-4))
+
+
+def test_an_evaluation_takes_unset_strategy_settings_from_the_checkpoint_and_refuses_other_ones():
+    saved = Magnitude(sparsity=0.5, pattern="2:4").describe()
+    entry = {"class_path": saved["class_path"], "init_args": saved["init_args"]}
+    assert strategy_for_evaluation(saved, None) == entry and strategy_for_evaluation(None, None) is None
+    assert strategy_for_evaluation(saved, {"class_path": saved["class_path"]}) == entry
+    quiet = {"class_path": saved["class_path"], "init_args": {"sparsity": 0.5, "log_layers": False}}
+    assert strategy_for_evaluation(saved, quiet)["init_args"] == {**saved["init_args"], "log_layers": False}
+    with pytest.raises(ValueError, match=r"--sparsity.pattern=global \(checkpoint: 2:4\).*drop --sparsity.pattern$"):
+        strategy_for_evaluation(saved, {"class_path": saved["class_path"], "init_args": {"pattern": "global"}})
+    with pytest.raises(ValueError, match="has no sparsity strategy, but this run sets --sparsity magnitude: drop"):
+        strategy_for_evaluation(None, {"class_path": saved["class_path"]})
 
 
 def test_a_checkpoint_of_another_strategy_is_refused():

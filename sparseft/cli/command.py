@@ -55,7 +55,7 @@ from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies
 from sparseft.training.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
 from sparseft.training.module import SparseFTModule
-from sparseft.training.resume import model_options_from_checkpoint
+from sparseft.training.resume import model_options_from_checkpoint, strategy_options_from_checkpoint
 from sparseft.training.run_summary import read_training_summary
 
 EXTRA_COMMANDS = ("export", "strategies", "targets", "report")
@@ -121,17 +121,24 @@ class SparseFTCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Check the run before anything loads (:mod:`sparseft.cli.checks`); take from ``--ckpt_path`` only
-        the model options the user left unset, refusing another model (:mod:`sparseft.training.resume`), where
-        Lightning would parse all of the checkpoint's over the user's."""
+        the model options the user left unset, refusing another model, and for an evaluation the strategy
+        settings the user left unset, refusing other ones (:mod:`sparseft.training.resume`), where Lightning
+        would parse all of the checkpoint's model options over the user's."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         check_evaluated_weights(subcommand, config)
         check_trainer_strategy(config.get("trainer.strategy"), config.get("sparsity"))
-        taken = model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(), SparseFTModule)
-        if taken:
-            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+        taken = {"model": model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(),
+                                                        SparseFTModule)}
+        if subcommand in EVALUATION_COMMANDS:
+            user = config.sparsity.as_dict() if config.get("sparsity") else None
+            sparsity = strategy_options_from_checkpoint(config.get("ckpt_path"), user)
+            if sparsity != user:
+                taken["sparsity"] = sparsity
+        if taken["model"] or "sparsity" in taken:
+            self.config = self.parser.parse_object({subcommand: taken}, self.config)
 
     def after_instantiate_classes(self) -> None:
         """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""
