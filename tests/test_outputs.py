@@ -184,6 +184,8 @@ def test_report_prints_the_table_and_writes_the_figures(fitted, capsys):
                      "mask-1.output.dense.png", "sparsity.png"]
     with Image.open(figures / "sparsity.png") as image:
         assert image.format == "PNG" and image.height > 12 * 16  # a row per layer
+    with Image.open(figures / "mask-0.attention.self.query.png") as image:
+        assert min(image.size) > 512  # a [32, 32] mask, 16 px a weight, with its labels and colour bar
 
     run_command(["report", str(exported), f"--output_dir={exported.parent / 'figures'}"])
     assert table_rows(capsys.readouterr().out) == rows  # the export measures what the checkpoint held
