@@ -18,7 +18,8 @@ from sparseft.datamodules.base import write_label_tsv
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``sparseft predict`` outputs in the datamodule's format into the run directory.
+    """Write ``sparseft predict`` outputs in the datamodule's format into the run directory; the files
+    written last are in ``paths``.
 
     The datamodule formats them (``write_predictions``), one file per predicted set
     (``prediction_files``): GLUE the GLUE website's TSVs, SQuAD ``{question id: answer}`` JSON,
