@@ -25,7 +25,8 @@ from sparseft.export.compressed_modeling import (
 )
 from sparseft.export.pretrained import export_pretrained
 from sparseft.sparse.prune import prune_, sparsify
-from sparseft.testing import tiny_config
+from sparseft.testing import make_tiny_tokenizer, tiny_config
+from sparseft.testing.isolated import python_without_sparseft, run_without_sparseft
 from sparseft.training.module import SparseFTModule
 
 TASKS = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
@@ -189,6 +190,46 @@ def test_both_loaders_pass_from_pretrained_options_through(tmp_path):
     assert {p.dtype for p in native.parameters()} == {torch.bfloat16}
     query = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(remote.state_dict()[query], model.state_dict()[query].half())
+
+
+WITHOUT_SPARSEFT = """
+import json, re
+import torch
+from transformers import AutoModel, pipeline
+
+for directory, tolerance in json.loads(EXPORTS).items():
+    card = open(f"{directory}/README.md").read()
+    exec(re.search(r"```python\\n(.*?)```", card, re.S).group(1), {})  # the card's own snippet
+    expected = torch.load(f"{directory}.pt")
+    model = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()  # the base model, as a dense export
+    with torch.no_grad():
+        hidden = model(input_ids=expected["inputs"]).last_hidden_state
+    torch.testing.assert_close(hidden, expected["hidden"], atol=tolerance, rtol=0)
+    features = pipeline("feature-extraction", model=directory, trust_remote_code=True)("a sentence")
+    print(type(model).__name__, torch.tensor(features).shape[-1])
+"""
+
+
+def test_every_export_needing_remote_code_loads_by_its_card_automodel_and_feature_extraction_without_sparseft(
+    tmp_path,
+):
+    from tests.test_shrink import masked_model
+
+    exports = {"bert-2-4": (pruned_tiny("bert", "2:4"), "wordpiece", "compressed", False, 0.0),
+               "gpt2-unstructured": (pruned_tiny("gpt2", "unstructured"), "bpe", "compressed", False, 0.0),
+               "bert-heads-shrunk": (masked_model("bert")[0], "wordpiece", "dense", True, 1e-6)}
+    inputs = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(1))
+    for name, (model, tokenizer, weight_format, shrink, _) in exports.items():
+        export_pretrained(model, tmp_path / name, make_tiny_tokenizer(tokenizer), weight_format=weight_format,
+                          shrink=shrink)
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=inputs).last_hidden_state
+        torch.save({"inputs": inputs, "hidden": hidden}, tmp_path / f"{name}.pt")
+        assert "trust_remote_code=True" in (tmp_path / name / "README.md").read_text()
+    directories = json.dumps({str(tmp_path / name): tolerance for name, (*_, tolerance) in exports.items()})
+    python_without_sparseft(tmp_path / "venv")
+    out = run_without_sparseft(f"EXPORTS = {directories!r}\n{WITHOUT_SPARSEFT}", tmp_path / "venv").splitlines()
+    assert out == ["CompressedBertModel 32", "CompressedGPT2Model 32", "ResizedBertModel 32"]
 
 
 def test_unknown_formats_and_compressing_a_shrunk_export_are_refused():

@@ -85,7 +85,8 @@ def test_missing_file_and_column_are_named(tmp_path):
 
 
 def test_task_names_and_labels():
-    assert len(TASKS) == 9
+    assert len(TASKS) == 10  # the nine tasks and the diagnostic set
+    assert get_task("diagnostic").name == "ax" and get_task("ax").labels == get_task("mnli").labels
     assert get_task("SST-2").name == "sst2" and get_task("STS-B").num_labels == 1
     assert get_task("mnli").labels == ("entailment", "neutral", "contradiction")
     with pytest.raises(ValueError, match="unknown GLUE task 'squad'; choose one of cola, sst2"):
@@ -312,10 +313,10 @@ def test_hub_splits(monkeypatch, tiny_bert_dir):
     data = GLUEDataModule(task="mnli", tokenizer=str(tiny_bert_dir))
     data.setup("validate")
     data.setup("predict")
-    splits = ["validation_matched", "validation_mismatched", "test_matched"]
+    splits = ["validation_matched", "validation_mismatched", "test_matched", "test_mismatched"]
     assert calls == [("nyu-mll/glue", "mnli", split) for split in splits]
     assert int(data.datasets["validation_matched"][0]["labels"]) == 2
-    assert "labels" not in next(iter(data.predict_dataloader()))
+    assert all("labels" not in next(iter(loader)) for loader in data.predict_dataloader())
 
 
 def test_batches_from_the_dataloaders(tiny_bert_dir, sst2_dir):
@@ -349,3 +350,51 @@ def test_tokenizer_can_be_set_after_construction(tiny_bert_dir, sst2_dir):
     data.tokenizer = str(tiny_bert_dir)  # what the CLI's link amounts to
     data.setup("validate")
     assert len(data.datasets["validation"]) == 3 and data.tokenizer_name == str(tiny_bert_dir)
+
+
+# ---- predictions as the GLUE website reads them -------------------------------------------------
+# nyu-mll/jiant's write_glue_preds ("compatible with GLUE website") and its GLUE tasks' get_glue_preds:
+# label ids for CoLA, SST-2, MRPC, QQP and WNLI, label names for MNLI, AX, QNLI and RTE, STS-B's score
+# clipped to [0, 5] with three decimals; one file per test set, named as the website expects
+SUBMISSIONS = {
+    "cola": (["CoLA.tsv"], ["0", "1", "1"]), "sst2": (["SST-2.tsv"], ["0", "1", "1"]),
+    "mrpc": (["MRPC.tsv"], ["0", "1", "1"]), "qqp": (["QQP.tsv"], ["0", "1", "1"]),
+    "wnli": (["WNLI.tsv"], ["0", "1", "1"]),
+    "mnli": (["MNLI-m.tsv", "MNLI-mm.tsv"], ["entailment", "neutral", "contradiction"]),
+    "ax": (["AX.tsv"], ["entailment", "neutral", "contradiction"]),
+    "qnli": (["QNLI.tsv"], ["entailment", "not_entailment", "not_entailment"]),
+    "rte": (["RTE.tsv"], ["entailment", "not_entailment", "not_entailment"]),
+    "stsb": (["STS-B.tsv"], ["0.000", "2.346", "5.000"]),
+}
+
+
+@pytest.mark.parametrize("task", sorted(SUBMISSIONS))
+def test_predictions_are_written_in_the_glue_websites_format(task, tmp_path):
+    assert set(SUBMISSIONS) == set(TASKS), "every GLUE task has its expected submission format"
+    files, expected = SUBMISSIONS[task]
+    data = GLUEDataModule(task=task)
+    assert data.prediction_files == files
+    batches = [torch.tensor([-0.2, 2.34567]), torch.tensor([5.7])] if task == "stsb" else \
+        [torch.tensor([0, 1]), torch.tensor([2 if task in ("mnli", "ax") else 1])]
+    data.write_predictions(batches, [0, 1, 2], tmp_path / files[0])
+    assert (tmp_path / files[0]).read_text() == "index\tprediction\n" + "".join(
+        f"{index}\t{value}\n" for index, value in enumerate(expected))
+
+
+def test_mnli_predicts_both_test_sets_and_ax_is_predicted_only(tiny_bert_dir, tmp_path):
+    header = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t" \
+             "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\n"
+    for name, rows in (("test_matched.tsv", 2), ("test_mismatched.tsv", 3)):
+        (tmp_path / name).write_text(header + "".join(f"{i}\t1\t1\tg\t-\t-\t-\t-\ta {i}\tb\n" for i in range(rows)))
+    mnli = GLUEDataModule(task="mnli", tokenizer=str(tiny_bert_dir), data_dir=str(tmp_path))
+    mnli.setup("predict")
+    assert [len(loader.dataset) for loader in mnli.predict_dataloader()] == [2, 3]
+    (tmp_path / "diagnostic.tsv").write_text("index\tsentence1\tsentence2\n0\ta\tb\n1\tc\td\n")
+    ax = GLUEDataModule(task="diagnostic", tokenizer=str(tiny_bert_dir), data_dir=str(tmp_path))
+    ax.setup("predict")
+    assert len(ax.predict_dataloader().dataset) == 2 and ax.num_labels == 3
+    for stage in ("fit", "validate"):
+        with pytest.raises(ValueError, match="GLUE ax is an unlabelled test set only: .*--data.task ax --ckpt_path"):
+            ax.setup(stage)
+    with pytest.raises(ValueError, match="has no dev set to predict"):
+        GLUEDataModule(task="ax", tokenizer=str(tiny_bert_dir), predict_split="dev").setup("predict")

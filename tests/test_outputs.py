@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -81,6 +82,41 @@ def test_tensorboard_has_hparams_with_the_dev_metric_learning_rates_and_pictures
     assert [image.step for image in events.Images("sparsity/layers")] == sorted(accuracy)
 
 
+def evaluate(command: str, checkpoint: Path, sst2: Path, *extra: str) -> list[str]:
+    """``sparseft <command>`` of ``checkpoint`` with the data options only; the lines it printed."""
+    return [command, "--data=sparseft.datamodules.GLUEDataModule", "--data.task=sst2", f"--data.data_dir={sst2}",
+            "--data.max_length=32", "--trainer.enable_progress_bar=false", f"--ckpt_path={checkpoint}", *extra]
+
+
+def test_evaluations_take_the_strategy_from_the_checkpoint_and_write_beside_it(fitted, sst2_dir, capsys):  # noqa: F811
+    root, checkpoint, _ = fitted
+    run = checkpoint.parents[1]  # lightning_logs/version_0
+    events = sorted(root.rglob("events.out.tfevents.*"))
+    capsys.readouterr()
+    # no --sparsity: the checkpoint's strategy and settings (2:4, one shot) are used, as its model options are
+    run_command(evaluate("validate", checkpoint, sst2_dir))
+    assert f"metrics written to {run / 'validate' / 'metrics.json'}" in capsys.readouterr().out
+    assert set(json.loads((run / "validate" / "metrics.json").read_text())) == {"val/accuracy", "val/loss"}
+    ran = yaml.safe_load((run / "validate" / "config.yaml").read_text())["sparsity"]["init_args"]
+    assert ran["pattern"] == "2:4" and ran["schedule"]["kind"] == "one_shot"
+    # the same strategy named, its settings left out: the checkpoint's too; a second evaluation gets its own folder
+    run_command(evaluate("predict", checkpoint, sst2_dir, "--sparsity=magnitude"))
+    run_command(evaluate("predict", checkpoint, sst2_dir))
+    out = capsys.readouterr().out
+    assert all(f"predictions written to {run / name / 'SST-2.tsv'}" in out for name in ("predict", "predict-2"))
+    # no version_N beside the training run, no TensorBoard run (hp_metric -1) from an evaluation
+    assert [path.name for path in run.parent.iterdir()] == ["version_0"]
+    assert sorted(root.rglob("events.out.tfevents.*")) == events
+    # settings given that differ are refused, saying what to drop, before anything is written
+    refused = {"--sparsity.sparsity=0.3": r"settings differ from the checkpoint's: --sparsity.sparsity=0.3 "
+                                          r"\(checkpoint: 0.5\).*drop --sparsity.sparsity$",
+               "--sparsity=pst": "has sparsity strategy 'magnitude', but this run sets --sparsity pst: drop --sparsity"}
+    for option, message in refused.items():
+        with pytest.raises(ValueError, match=message):
+            run_command(evaluate("test", checkpoint, sst2_dir, "--sparsity=magnitude", option))
+    assert not (run / "test").exists()
+
+
 def test_export_names_labels_and_reports_the_dev_metric_with_units(fitted):
     root, _, exported = fitted
     config = json.loads((exported / "config.json").read_text())
@@ -148,6 +184,8 @@ def test_report_prints_the_table_and_writes_the_figures(fitted, capsys):
                      "mask-1.output.dense.png", "sparsity.png"]
     with Image.open(figures / "sparsity.png") as image:
         assert image.format == "PNG" and image.height > 12 * 16  # a row per layer
+    with Image.open(figures / "mask-0.attention.self.query.png") as image:
+        assert min(image.size) > 512  # a [32, 32] mask, 16 px a weight, with its labels and colour bar
 
     run_command(["report", str(exported), f"--output_dir={exported.parent / 'figures'}"])
     assert table_rows(capsys.readouterr().out) == rows  # the export measures what the checkpoint held

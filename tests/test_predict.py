@@ -51,19 +51,19 @@ def test_glue_dev_predictions_score_as_validate_and_fill_their_run_directory(tin
     args = [f"--model.backbone={tiny_bert_dir}", "--model.learning_rate=1e-2", "--data=GLUEDataModule",
             "--data.task=sst2", f"--data.data_dir={data}", "--data.batch_size=4", *logger]
     run, metrics = fit_then(args, tmp_path / "run")
-    versions = set((tmp_path / "runs" / "sst2").iterdir())
 
     dev = predict(run, capsys, "--data.predict_split=dev")
     lines = [line.split("\t") for line in dev.read_text().splitlines()]
     assert lines[0] == ["index", "prediction"] and [int(i) for i, _ in lines[1:]] == list(range(len(rows)))
-    names = ["negative", "positive"]
-    correct = sum(names.index(name) == label for (_, name), (_, label) in zip(lines[1:], rows))
+    correct = sum(int(value) == label for (_, value), (_, label) in zip(lines[1:], rows))
     assert correct / len(rows) == pytest.approx(metrics["val/accuracy"])
-    # predict made one run directory, and the predictions are in it
-    assert set((tmp_path / "runs" / "sst2").iterdir()) - versions == {dev.parent}
+    # evaluations add no run to the training logger's folder: they write beside the checkpoints, one folder each
+    run_dir = tmp_path / "runs" / "sst2" / "version_0"
+    assert [path.name for path in (tmp_path / "runs" / "sst2").iterdir()] == ["version_0"]
+    assert dev == run_dir / "predict" / "SST-2.tsv" and (run_dir / "validate" / "metrics.json").is_file()
 
     test = predict(run, capsys)  # the default: GLUE's unlabelled test file
-    assert len(test.read_text().splitlines()) == 1 + 2
+    assert test == run_dir / "predict-2" / "SST-2.tsv" and len(test.read_text().splitlines()) == 1 + 2
 
 
 @pytest.mark.integration
@@ -96,7 +96,6 @@ def test_e2e_writes_one_output_per_mr_in_file_order_and_scores_as_validate(tiny_
 
     dev_file = predict(run, capsys, "--data.predict_split=dev")
     outputs = dev_file.read_text().splitlines()
-    dev_file.rename(dev_file.with_name("dev-predictions.txt"))  # no logger: the next predict would refuse its name
     references = group_references(read_e2e_csv(shared_data("e2e", "devset.csv")))["references"][:6]
     assert len(outputs) == 6
     assert e2e_scores(outputs, references, with_meteor=False)["bleu"] == pytest.approx(metrics["val/bleu"], abs=1e-4)
@@ -110,7 +109,7 @@ def test_a_predictions_file_from_an_earlier_run_is_never_overwritten(tmp_path):
     from sparseft.training.callbacks import PredictionWriter
 
     trainer = SimpleNamespace(log_dir=None, default_root_dir=str(tmp_path), world_size=1, global_rank=0,
-                              datamodule=SimpleNamespace(prediction_file="predictions.json"))
+                              datamodule=SimpleNamespace(prediction_files=["predictions.json"]))
     writer = PredictionWriter()
     writer.on_predict_start(trainer, None)  # nothing there yet: allowed
     (tmp_path / "predictions.json").write_text("{}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -346,8 +347,15 @@ def test_export_command_writes_the_adapter_that_the_merged_model_holds(tmp_path)
 
     fit_bert(S2FT(sparsity=0.75, allocation="layer"), tmp_path / "run", 3)
     (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
-    export_command(["--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out"),
-                    "--adapter_path", str(tmp_path / "s2ft.safetensors")])
+    umask = os.umask(0o027)
+    try:
+        export_command(["--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+                        "--adapter_path", str(tmp_path / "s2ft.safetensors")])
+    finally:
+        os.umask(umask)
+    # the adapter is as readable as the export beside it: what the umask allows (safetensors alone writes 0600)
+    modes = {path.stat().st_mode & 0o777 for path in [tmp_path / "s2ft.safetensors", *(tmp_path / "out").iterdir()]}
+    assert modes == {0o640}
     adapter = load_adapter(tmp_path / "s2ft.safetensors")
     assert sorted(adapter) == [f"bert.encoder.layer.{i}.{name}.dense" for i in (0, 1)
                                for name in ("attention.output", "output")]

@@ -17,7 +17,7 @@ from sparseft.strategies import DSEE, PST, Magnitude
 from sparseft.strategies.base import CHECKPOINT_KEY
 from sparseft.testing import tiny_config
 from sparseft.training.module import SparseFTModule
-from sparseft.training.resume import check_strategy_settings, merge_model_options
+from sparseft.training.resume import check_strategy_settings, merge_model_options, strategy_for_evaluation
 from tests.test_cli import SENTENCES, fit_args, last_checkpoint, sst2_dir  # noqa: F401
 
 DEFAULTS = {"backbone": None, "config": None, "tokenizer": None, "learning_rate": 2e-5, "weight_decay": 0.0}
@@ -58,10 +58,10 @@ def test_options_the_user_set_win_unset_ones_come_from_the_checkpoint_and_config
     fitted, tiny_bert_dir, sst2_dir, tmp_path, caplog  # noqa: F811
 ):
     args = run_args("validate", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={fitted}",
-                    "--model.learning_rate=0.005", "--trainer.limit_val_batches=1")
+                    "--model.learning_rate=0.005", "--trainer.limit_val_batches=1", f"--output_dir={tmp_path}")
     with caplog.at_level("INFO"):
         run_command(without(args, "--model.backbone"))
-    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())["model"]
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
     assert saved["learning_rate"] == 0.005 and saved["backbone"] == str(tiny_bert_dir)
     assert "model.learning_rate=0.005 (this run's; the checkpoint's was 0.001)" in caplog.text
     assert f"model.backbone='{tiny_bert_dir}' (the checkpoint's; default None)" in caplog.text
@@ -99,6 +99,19 @@ def test_strategy_settings_that_move_masks_must_match_and_others_may_change():
     check_strategy_settings(dsee, DSEE(sparsity=0.5, learning_rate=1e-3, retune_learning_rate=1e-4))
 
 
+def test_an_evaluation_takes_unset_strategy_settings_from_the_checkpoint_and_refuses_other_ones():
+    saved = Magnitude(sparsity=0.5, pattern="2:4").describe()
+    entry = {"class_path": saved["class_path"], "init_args": saved["init_args"]}
+    assert strategy_for_evaluation(saved, None) == entry and strategy_for_evaluation(None, None) is None
+    assert strategy_for_evaluation(saved, {"class_path": saved["class_path"]}) == entry
+    quiet = {"class_path": saved["class_path"], "init_args": {"sparsity": 0.5, "log_layers": False}}
+    assert strategy_for_evaluation(saved, quiet)["init_args"] == {**saved["init_args"], "log_layers": False}
+    with pytest.raises(ValueError, match=r"--sparsity.pattern=global \(checkpoint: 2:4\).*drop --sparsity.pattern$"):
+        strategy_for_evaluation(saved, {"class_path": saved["class_path"], "init_args": {"pattern": "global"}})
+    with pytest.raises(ValueError, match="has no sparsity strategy, but this run sets --sparsity magnitude: drop"):
+        strategy_for_evaluation(None, {"class_path": saved["class_path"]})
+
+
 def test_a_checkpoint_of_another_strategy_is_refused():
     from lightning.pytorch import Trainer
 
@@ -129,11 +142,12 @@ def test_an_exported_model_predicts_with_backbone_weights_as_its_checkpoint_does
 ):
     exported = tmp_path / "exported"
     run_command(["export", f"--ckpt_path={fitted}", f"--output_dir={exported}"])
-    run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path / "ckpt", f"--ckpt_path={fitted}"))
+    run_command(run_args("predict", tiny_bert_dir, sst2_dir, tmp_path, f"--ckpt_path={fitted}",
+                         f"--output_dir={tmp_path / 'ckpt'}"))
     run_command(run_args("predict", exported, sst2_dir, tmp_path / "export", "--sparsity=null",
                          "--backbone_weights=true"))
-    from_checkpoint = next((tmp_path / "ckpt").rglob("predictions.tsv")).read_text()  # in the run directory
-    assert from_checkpoint == next((tmp_path / "export").rglob("predictions.tsv")).read_text()
+    from_checkpoint = (tmp_path / "ckpt" / "SST-2.tsv").read_text()
+    assert from_checkpoint == (tmp_path / "export" / "predict" / "SST-2.tsv").read_text()  # under default_root_dir
     assert len(from_checkpoint.splitlines()) == len(SENTENCES) + 1
 
 

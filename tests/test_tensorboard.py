@@ -47,11 +47,28 @@ def test_bar_chart_bars_are_as_long_as_the_sparsity():
 def test_heatmap_shows_kept_rows_dark_and_pruned_rows_light():
     mask = torch.ones(8, 8)
     mask[:4] = 0  # the first four output units pruned
-    image = mask_heatmap(mask, "title", min_side=64)
-    kept = np.all(image == KEPT_COLOUR.astype(np.uint8), axis=-1)
-    pruned = np.all(image == PRUNED_COLOUR.astype(np.uint8), axis=-1)
+    heatmap = mask_heatmap(mask, "title", min_side=64, min_short_side=64)
+    left, top, right, bottom = heatmap.boxes["cells"]
+    cells = heatmap.image[top:bottom, left:right]
+    kept = np.all(cells == KEPT_COLOUR.astype(np.uint8), axis=-1)
+    pruned = np.all(cells == PRUNED_COLOUR.astype(np.uint8), axis=-1)
     assert kept.sum() == pruned.sum() == 32 * 64  # 8x8 cells enlarged 8 times, half and half
     assert np.argwhere(pruned)[:, 0].max() < np.argwhere(kept)[:, 0].min()  # pruned rows above kept ones
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (32, 64)])  # MiniLM's attention and FFN, tiny BERT's
+def test_heatmap_is_large_enough_to_read_with_axis_labels_and_a_kept_pruned_colour_bar(shape):
+    heatmap = mask_heatmap(torch.rand(shape) > 0.5, "bert.encoder.layer.0.intermediate.dense")
+    left, top, right, bottom = heatmap.boxes["cells"]
+    assert max(right - left, bottom - top) >= 512 and min(right - left, bottom - top) >= 192  # was 192 and 48
+    assert (bottom - top) / (right - left) == pytest.approx(shape[0] / shape[1])  # the matrix's aspect
+    assert {"kept", "pruned", f"input features (columns 0-{shape[1] - 1})",
+            f"output units (rows 0-{shape[0] - 1})"} <= set(heatmap.texts)
+    bar_left, bar_top, bar_right, bar_bottom = heatmap.boxes["colour_bar"]
+    assert bar_left >= right and (bar_top, bar_bottom) == (top, bottom)  # beside the cells, as tall
+    legend = heatmap.image[bar_top + 1:bar_bottom - 1, (bar_left + bar_right) // 2].astype(float)
+    assert np.abs(legend[0] - KEPT_COLOUR).max() < 4 and np.abs(legend[-1] - PRUNED_COLOUR).max() < 4
+    assert np.all(np.diff(legend.sum(-1)) >= 0)  # from kept (dark) down to pruned (light)
 
 
 def test_heatmaps_go_to_the_first_middle_and_last_layer():

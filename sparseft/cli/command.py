@@ -3,8 +3,10 @@
 * ``sparseft fit|validate|test|predict``: LightningCLI with the strategy under ``sparsity:``;
   ``data.tokenizer`` is linked from ``model.backbone`` (or ``model.tokenizer``), and
   ``model.num_labels`` / ``model.task`` from the datamodule, so none is written twice.
-* ``sparseft predict``: writes the task's submission format (GLUE TSV, SQuAD JSON, E2E text) to
-  the run directory (the datamodule's ``write_predictions``; ``--data.predict_split dev|test``).
+* ``sparseft predict``: writes the task's submission format (GLUE TSVs, SQuAD JSON, E2E text) (the
+  datamodule's ``write_predictions``; ``--data.predict_split dev|test``); ``validate`` / ``test`` write
+  ``metrics.json``. Evaluations use no logger and write into their own directory, printed
+  (:mod:`sparseft.cli.evaluation`; ``--output_dir``).
 * ``sparseft``, ``sparseft --help``: every command, one line each (:mod:`sparseft.cli.help`).
 * ``validate`` / ``test`` / ``predict`` need ``--ckpt_path``, or ``--backbone_weights true`` for a
   backbone that is itself fine-tuned (:mod:`sparseft.cli.checks`); ``--ckpt_path`` fills in only the
@@ -26,7 +28,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sparseft import __version__
@@ -39,6 +41,7 @@ from sparseft.cli.checks import (
 )
 from sparseft.cli.console import console_callbacks
 from sparseft.cli.errors import one_line_user_errors
+from sparseft.cli.evaluation import OUTPUT_DIR_HELP, evaluation_trainer
 from sparseft.cli.help import HELP_FLAGS, VERSION_FLAGS, usage
 from sparseft.cli.options import add_optimizer_arguments, start_switched_strategies_fresh
 from sparseft.cli.preflight import check_before_run
@@ -50,10 +53,9 @@ from sparseft.export.compressed import WEIGHT_FORMATS
 from sparseft.export.pretrained import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
 from sparseft.strategies import SparsityStrategy, available_strategies
-from sparseft.training.callbacks import PredictionWriter
 from sparseft.training.checkpointing import fit_checkpoint_callbacks, with_checkpoint_io
 from sparseft.training.module import SparseFTModule
-from sparseft.training.resume import model_options_from_checkpoint
+from sparseft.training.resume import model_options_from_checkpoint, strategy_options_from_checkpoint
 from sparseft.training.run_summary import read_training_summary
 
 EXTRA_COMMANDS = ("export", "strategies", "targets", "report")
@@ -114,21 +116,29 @@ class SparseFTCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in EVALUATION_COMMANDS:
             parser.add_argument("--backbone_weights", type=bool, default=False, help=BACKBONE_WEIGHTS_HELP)
+            parser.add_argument("--output_dir", type=str | None, default=None, help=OUTPUT_DIR_HELP)
         return parser
 
     def _parse_ckpt_path(self) -> None:
         """Check the run before anything loads (:mod:`sparseft.cli.checks`); take from ``--ckpt_path`` only
-        the model options the user left unset, refusing another model (:mod:`sparseft.training.resume`), where
-        Lightning would parse all of the checkpoint's over the user's."""
+        the model options the user left unset, refusing another model, and for an evaluation the strategy
+        settings the user left unset, refusing other ones (:mod:`sparseft.training.resume`), where Lightning
+        would parse all of the checkpoint's model options over the user's."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         check_evaluated_weights(subcommand, config)
         check_trainer_strategy(config.get("trainer.strategy"), config.get("sparsity"))
-        taken = model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(), SparseFTModule)
-        if taken:
-            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+        taken = {"model": model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(),
+                                                        SparseFTModule)}
+        if subcommand in EVALUATION_COMMANDS:
+            user = config.sparsity.as_dict() if config.get("sparsity") else None
+            sparsity = strategy_options_from_checkpoint(config.get("ckpt_path"), user)
+            if sparsity != user:
+                taken["sparsity"] = sparsity
+        if taken["model"] or "sparsity" in taken:
+            self.config = self.parser.parse_object({subcommand: taken}, self.config)
 
     def after_instantiate_classes(self) -> None:
         """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""
@@ -137,15 +147,17 @@ class SparseFTCLI(LightningCLI):
                              self._get(self.config_init, "ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback,
-        ``predict`` writes its outputs (``PredictionWriter``) unless a writer is configured, and the
+        """As LightningCLI's, but a run without ``sparsity`` (dense fine-tuning) adds no callback, an
+        evaluation writes its outputs into its own directory (:mod:`sparseft.cli.evaluation`), and the
         console is quieter (:mod:`sparseft.cli.console`)."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [c for c in callbacks if isinstance(c, Callback)]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         configured = config.get("callbacks") or []
-        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in configured):
-            callbacks.append(PredictionWriter())
+        if self.subcommand in EVALUATION_COMMANDS:
+            callbacks += evaluation_trainer(self.subcommand, config, configured,
+                                            self._get(self.config_init, "ckpt_path"),
+                                            self._get(self.config_init, "output_dir"))
         if self.subcommand == "fit":
             callbacks += resumable_fit(config, configured)
         callbacks += console_callbacks(self.subcommand, config, configured)

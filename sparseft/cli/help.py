@@ -8,9 +8,9 @@ from __future__ import annotations
 
 COMMANDS = {
     "fit": "train a model with a sparsity strategy (LightningCLI: --config, --model, --data, --sparsity, --trainer)",
-    "validate": "score a checkpoint on the dev set (--ckpt_path)",
+    "validate": "score a checkpoint on the dev set (--ckpt_path); metrics.json beside its checkpoints/",
     "test": "score a checkpoint on the test split (GLUE: the dev sets, its test labels are hidden)",
-    "predict": "write a checkpoint's predictions to the run directory in the task's submission format",
+    "predict": "write a checkpoint's predictions in the task's submission format, beside its checkpoints/",
     "export": "merge a checkpoint into a plain Hugging Face model directory with report.json",
     "strategies": "list the registered sparsity strategies",
     "targets": "dry run: list the layers a config's strategy would sparsify",

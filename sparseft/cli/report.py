@@ -134,7 +134,7 @@ def write_figures(layers: list[LayerWeights], output_dir: Path, title: str) -> l
                         output_dir / "sparsity.png")]
     labels = short_names(names)
     for index in heatmap_layers(len(layers)):
-        image = mask_heatmap(layers[index].weight != 0, names[index])
+        image = mask_heatmap(layers[index].weight != 0, names[index]).image
         figures.append(save_png(image, output_dir / f"mask-{labels[index]}.png"))
     return figures
 

@@ -11,11 +11,12 @@ module implements:
 * :meth:`build_metrics` — the task's official metrics, and ``dev_metric`` — the one to monitor;
 * ``num_labels``, ``task_type`` and ``val_names`` — linked into the model by the CLI;
 * for another output format than a TSV of labels: :meth:`predict_batch`, :meth:`write_predictions`
-  and ``prediction_file``.
+  and ``prediction_file`` (``prediction_files`` where predict writes several sets).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -50,14 +51,14 @@ def class_predictions(module: LightningModule, batch: dict[str, torch.Tensor]) -
 
 
 def write_label_tsv(
-    predictions: list[torch.Tensor], indices: list[int], path: Path, label_names: list[str] | None
+    predictions: list[torch.Tensor], indices: list[int], path: Path, format_value: Callable[[Any], str] = str
 ) -> None:
-    """GLUE's submission format: a header, then ``index`` and the label name (or the regression
-    value) per example; ``indices`` are the dataset rows (0, 1, ... when empty)."""
+    """GLUE's submission layout: a header, then ``index`` and the prediction (class id or regression
+    value, written by ``format_value``) per example, tab-separated; ``indices`` are the dataset rows
+    (0, 1, ... when empty)."""
     values = torch.cat([p.flatten() for p in predictions]).tolist() if predictions else []
     rows = ["index\tprediction"]
-    for index, value in zip(indices or range(len(values)), values):
-        rows.append(f"{index}\t{label_names[int(value)] if label_names and not isinstance(value, float) else value}")
+    rows += [f"{index}\t{format_value(value)}" for index, value in zip(indices or range(len(values)), values)]
     path.write_text("\n".join(rows) + "\n")
 
 
@@ -109,14 +110,14 @@ class TextDataModule(LightningDataModule):
             is shuffled with ``seed + e`` and, with several processes, sharded between them; a
             checkpoint records the position in the epoch, so ``--ckpt_path`` resumes at the next
             batch on every process (:mod:`sparseft.datamodules.order`).
-        predict_split: what ``sparseft predict`` runs on: ``test`` (the task's test set) or
-            ``dev`` (the first validation set, labelled: to score the written predictions
-            elsewhere). None: ``test`` where the task has a test set, else ``dev``.
+        predict_split: what ``sparseft predict`` runs on: ``test`` (the task's test sets) or
+            ``dev`` (the validation sets, labelled: to score the written predictions elsewhere),
+            one file per set. None: ``test`` where the task has a test set, else ``dev``.
     """
 
     task_type: ClassVar[str] = "sequence-classification"
-    #: the dataset name ``predict_split: test`` loads; None where the task has no test set to predict
-    test_split: ClassVar[str | None] = "test"
+    #: the datasets ``predict_split: test`` loads; none where the task has no test set to predict
+    test_names: ClassVar[tuple[str, ...]] = ("test",)
     #: the file ``sparseft predict`` writes in the run directory (:meth:`write_predictions`)
     prediction_file: ClassVar[str] = "predictions.tsv"
     #: whether each process of a multi-process predict can write its own file of the rows it saw
@@ -175,8 +176,16 @@ class TextDataModule(LightningDataModule):
         return ("val/" if len(names) == 1 else f"val/{names[0]}/") + self.dev_metric
 
     def split_names(self, split: str) -> list[str]:
-        """Dataset names behind a logical split (``validation`` may be several sets)."""
+        """Dataset names behind a logical split (``validation`` may be several sets; ``predict``'s are
+        ``predict:<source>``, apart from the same sets prepared for evaluation)."""
+        if split == "predict":
+            return [f"predict:{source}" for source in self.predict_sources]
         return self.val_names if split in ("validation", "test") else [split]
+
+    @staticmethod
+    def _source(name: str) -> str:
+        """The dataset that :meth:`split_names`' ``name`` loads (:meth:`load_split`'s name)."""
+        return name.removeprefix("predict:")
 
     def load_split(self, name: str) -> datasets.Dataset:
         raise NotImplementedError
@@ -203,18 +212,33 @@ class TextDataModule(LightningDataModule):
         return class_predictions(module, batch)
 
     def write_predictions(self, predictions: list[Any], indices: list[int], path: Path) -> None:
-        """Write every batch's :meth:`predict_batch` output to ``path`` (``indices``: the dataset rows)."""
-        write_label_tsv(predictions, indices, path, getattr(self, "label_names", None))
+        """Write every batch's :meth:`predict_batch` output of one predicted set to ``path`` (``indices``:
+        the dataset rows), each prediction as :meth:`format_prediction` writes it."""
+        write_label_tsv(predictions, indices, path, self.format_prediction)
+
+    def format_prediction(self, value: Any) -> str:
+        """One class id (or regression value) as :meth:`write_predictions` writes it: its label name
+        where the task has ``label_names``, else as it is."""
+        names = getattr(self, "label_names", None)
+        return names[int(value)] if names and not isinstance(value, float) else str(value)
 
     @property
-    def predict_source(self) -> str:
-        """The dataset ``predict`` runs on: ``predict_split`` resolved to a split name."""
-        split = self.predict_split or ("test" if self.test_split else "dev")
-        if split == "dev":
-            return self.val_names[0]
-        if self.test_split is None:
-            raise ValueError(f"{type(self).__name__} has no test set to predict: set data.predict_split dev")
-        return self.test_split
+    def predict_sources(self) -> list[str]:
+        """The datasets ``predict`` runs on, one dataloader and one file each: ``predict_split``
+        resolved to dataset names (``dev``: every validation set)."""
+        split = self.predict_split or ("test" if self.test_names else "dev")
+        sources = list(self.val_names if split == "dev" else self.test_names)
+        if not sources:
+            other = "; set data.predict_split dev" if split == "test" else ""
+            raise ValueError(f"{type(self).__name__} has no {split} set to predict{other}")
+        return sources
+
+    @property
+    def prediction_files(self) -> list[str]:
+        """The file ``predict`` writes for each of :attr:`predict_sources`, in order: ``prediction_file``,
+        named after its set where there are several."""
+        sources, file = self.predict_sources, Path(self.prediction_file)
+        return [file.name] if len(sources) == 1 else [f"{file.stem}-{name}{file.suffix}" for name in sources]
 
     # ---- shared machinery ------------------------------------------------------------------
     @property
@@ -270,8 +294,7 @@ class TextDataModule(LightningDataModule):
         for split in STAGE_SPLITS.get(stage, ()):
             for name in self.split_names(split):
                 if name not in self.datasets:
-                    source = self.predict_source if split == "predict" else name
-                    self.datasets[name] = self._prepare(source, split)
+                    self.datasets[name] = self._prepare(self._source(name), split)
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = DataCollatorWithPadding(self.tokenizer)(features)
@@ -311,5 +334,5 @@ class TextDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loaders("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loaders("predict")

@@ -121,7 +121,8 @@ class E2EDataModule(TextDataModule):
         self.with_meteor = with_meteor
 
     def split_names(self, split: str) -> list[str]:
-        return [split]
+        """``test`` is E2E's own test set (with references), not the dev set."""
+        return [split] if split == "test" else super().split_names(split)
 
     def load_split(self, name: str) -> datasets.Dataset:
         if self.data_dir:

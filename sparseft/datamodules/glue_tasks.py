@@ -1,4 +1,5 @@
-"""The nine GLUE tasks: columns, labels, files and official metrics, plus the TSV reader.
+"""The nine GLUE tasks and the diagnostic set (AX): columns, labels, files, official metrics and
+submission format, plus the TSV reader.
 
 The original GLUE TSVs are read with quoting off (``csv.QUOTE_NONE``): with default quoting,
 MRPC, QNLI, RTE and STS-B silently lose rows. CoLA's train/dev files have no header; MRPC's
@@ -31,6 +32,11 @@ class GlueTask:
         validation: hub split names of the dev sets; their files are ``dev_files``.
         dev_files / test_files: TSV file names of the dev and the unlabelled test sets.
         test_columns: column map of the test files when it differs (CoLA's test has a header).
+        tests: hub split names of the unlabelled test sets; their files are ``test_files``.
+        submission_files: the file the GLUE website expects for each test set's predictions.
+        submits_names: whether a submission writes label names (MNLI, AX, QNLI, RTE) rather than
+            label ids (CoLA, SST-2, MRPC, QQP, WNLI), as GLUE's own baseline code does.
+        trainable: False for AX, a test set only (predicted with an MNLI model).
     """
 
     name: str
@@ -42,6 +48,10 @@ class GlueTask:
     dev_files: tuple[str, ...] = ("dev.tsv",)
     test_files: tuple[str, ...] = ("test.tsv",)
     test_columns: dict[str, str | int] | None = None
+    tests: tuple[str, ...] = ("test",)
+    submission_files: tuple[str, ...] = ()
+    submits_names: bool = False
+    trainable: bool = True
 
     def columns(self, labelled: bool) -> dict[str, str | int]:
         """Column map of the labelled files, or of the unlabelled test files."""
@@ -51,34 +61,58 @@ class GlueTask:
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
 
+    def submission_value(self, prediction: float) -> str:
+        """A prediction (label id, or STS-B's score) as the GLUE website reads it, following the
+        benchmark's baseline (nyu-mll/jiant's ``write_glue_preds``, "compatible with GLUE website"):
+        the label name or the id (:attr:`submits_names`); STS-B's score clipped to its 0-5 scale,
+        with three decimals."""
+        if self.labels is None:
+            return f"{min(max(float(prediction), STSB_RANGE[0]), STSB_RANGE[1]):.3f}"
+        return self.labels[int(prediction)] if self.submits_names else str(int(prediction))
+
 
 _PAIR = {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}
+_NLI = ("entailment", "neutral", "contradiction")
+#: STS-B's similarity scale
+STSB_RANGE = (0.0, 5.0)
 
 TASKS: dict[str, GlueTask] = {
     task.name: task
     for task in (
         GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",),
-                 {"sentence": 3, "label": 1}, test_columns={"sentence": "sentence"}),
+                 {"sentence": 3, "label": 1}, test_columns={"sentence": "sentence"}, submission_files=("CoLA.tsv",)),
         GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",),
-                 {"sentence": "sentence", "label": "label"}),
+                 {"sentence": "sentence", "label": "label"}, submission_files=("SST-2.tsv",)),
         GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
-                 {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+                 {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"},
+                 submission_files=("MRPC.tsv",)),
         GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"),
-                 {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
-        GlueTask("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), {**_PAIR, "label": "score"}),
-        GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                 {"question1": "question1", "question2": "question2", "label": "is_duplicate"},
+                 submission_files=("QQP.tsv",)),
+        GlueTask("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), {**_PAIR, "label": "score"},
+                 submission_files=("STS-B.tsv",)),
+        GlueTask("mnli", ("premise", "hypothesis"), _NLI, ("accuracy",),
                  {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
                  validation=("validation_matched", "validation_mismatched"),
                  dev_files=("dev_matched.tsv", "dev_mismatched.tsv"),
-                 test_files=("test_matched.tsv", "test_mismatched.tsv")),
+                 test_files=("test_matched.tsv", "test_mismatched.tsv"), tests=("test_matched", "test_mismatched"),
+                 submission_files=("MNLI-m.tsv", "MNLI-mm.tsv"), submits_names=True),
         GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
-                 {"question": "question", "sentence": "sentence", "label": "label"}),
-        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), _PAIR),
-        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), _PAIR),
+                 {"question": "question", "sentence": "sentence", "label": "label"}, submission_files=("QNLI.tsv",),
+                 submits_names=True),
+        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), _PAIR,
+                 submission_files=("RTE.tsv",), submits_names=True),
+        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), _PAIR,
+                 submission_files=("WNLI.tsv",)),
+        # the diagnostic set: MNLI's labels, an unlabelled test file only, predicted by an MNLI model
+        GlueTask("ax", ("premise", "hypothesis"), _NLI, ("accuracy",),
+                 {"premise": "sentence1", "hypothesis": "sentence2"}, validation=(), dev_files=(),
+                 test_files=("diagnostic.tsv",), submission_files=("AX.tsv",),
+                 submits_names=True, trainable=False),
     )
 }
 # the spellings of the original GLUE folders
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-mm": "mnli"}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-mm": "mnli", "diagnostic": "ax"}
 
 
 def get_task(name: str) -> GlueTask:

@@ -95,7 +95,7 @@ class SquadDataModule(TextDataModule):
     """
 
     task_type = "question-answering"
-    test_split = None  # SQuAD's test sets are hidden: predict runs on the dev file
+    test_names = ()  # SQuAD's test sets are hidden: predict runs on the dev file
     prediction_file = "predictions.json"
     predictions_per_rank = False  # a question's windows may land on different processes
     dev_metric = "f1"

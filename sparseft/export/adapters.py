@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sparseft.export.pretrained import make_readable_
 from sparseft.sparse.layers import as_out_in, is_transposed
 from sparseft.sparse.slices import sliced_layers
 
@@ -65,11 +66,13 @@ def check_adapter_target(path: str | Path, output_dir: str | Path, overwrite: bo
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
-    """Write ``adapter`` as one safetensors file."""
+    """Write ``adapter`` as one safetensors file, readable as the user's umask allows (like the export
+    beside it; ``save_file`` alone leaves it 0600)."""
     tensors = {f"{name}.{key}": part[key].contiguous() for name, part in adapter.items()
                for key in ("index", "delta", "base")}
     axes = {name: part["axis"] for name, part in adapter.items()}
     save_file(tensors, str(path), metadata={"format": "sparseft-s2ft", "axes": json.dumps(axes)})
+    make_readable_(Path(path))
     return Path(path)
 
 

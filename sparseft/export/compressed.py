@@ -15,7 +15,6 @@ or :func:`load_compressed` here, which uses no remote code.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from sparseft.export.compressed_modeling import (
     encode_state_dict,
     worth_compressing,
 )
-from sparseft.export.shrink import point_auto_map_
+from sparseft.export.shrink import write_remote_code_
 
 WEIGHT_FORMATS = ("dense", "compressed")
 REMOTE_CODE_FILE = "modeling_sparseft_compressed.py"
@@ -61,13 +60,10 @@ def check_compressible(model: nn.Module, target_names: list[str]) -> None:
 
 
 def add_compressed_code_(model: nn.Module, output_dir: str | Path) -> None:
-    """Write the remote code that reads the compressed file and point the config's ``auto_map`` at it."""
-    base = type(model)
-    source = inspect.getsource(compressed_modeling)
-    source += f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
-    source += f"Compressed{base.__name__} = compressed_class({base.__name__})\n"
-    Path(output_dir, REMOTE_CODE_FILE).write_text(source)
-    point_auto_map_(model, REMOTE_CODE_FILE, f"Compressed{base.__name__}")
+    """Write the remote code that reads the compressed file and point the config's ``auto_map`` at it
+    (the model's class and its base model's, for ``AutoModel`` and the ``feature-extraction`` pipeline)."""
+    write_remote_code_(model, Path(output_dir, REMOTE_CODE_FILE), compressed_modeling, "Compressed",
+                       "compressed_class")
 
 
 def compress_saved_weights_(output_dir: str | Path) -> dict[str, Any]:

@@ -51,8 +51,11 @@ def _facts(report: dict[str, Any], labels: list[str]) -> list[tuple[str, str]]:
 
 
 def _load_example(report: dict[str, Any], location: str) -> str:
+    """Python that loads the export: with ``trust_remote_code=True`` where its weights need sparseft's
+    remote code (a shrunk model transformers' config cannot describe, or compressed weights)."""
     model_class, pipeline_task = LOADERS.get(report.get("task_type") or "", ("AutoModel", None))
-    remote = "trust_remote_code=True" in (report.get("structured") or {}).get("load_with", "")
+    remote = any("trust_remote_code=True" in (report.get(key) or {}).get("load_with", "")
+                 for key in ("structured", "weights"))
     options = ", trust_remote_code=True" if remote else ""
     lines = [
         f"from transformers import AutoTokenizer, {model_class}" + (", pipeline" if pipeline_task else ""),

@@ -166,13 +166,14 @@ def class_names(model: nn.Module) -> list[str] | None:
     return None if all(re.fullmatch(r"LABEL_\d+", str(name)) for name in names) else names
 
 
-def make_readable_(directory: Path) -> None:
+def make_readable_(target: Path) -> None:
     """Add the read permissions (and, on folders, traversal) that the user's umask grants to
-    ``directory`` and everything under it, removing none: transformers writes the weights through a
-    temporary file of mode 0600, which other users (a serving account) could not read."""
+    ``target``, a file or a folder and everything under it, removing none: transformers writes the
+    weights, and safetensors' ``save_file`` any file, through a temporary file of mode 0600, which
+    other users (a serving account) could not read."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
+    for path in [target, *(target.rglob("*") if target.is_dir() else ())]:
         readable = 0o555 if path.is_dir() else 0o444
         path.chmod((path.stat().st_mode & 0o7777) | (readable & ~umask))
 

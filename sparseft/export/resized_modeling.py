@@ -41,8 +41,11 @@ def resize_linear_(module: nn.Module, out_features: int, in_features: int) -> No
 
 
 def resize_modules_(model: nn.Module, spec: dict[str, Any]) -> None:
-    """Apply ``spec`` = ``{"linears": {name: [out, in]}, "attributes": {name: {attr: value}}}``."""
+    """Apply ``spec`` = ``{"linears": {name: [out, in]}, "attributes": {name: {attr: value}}}``. Names are
+    those of the exported model; its base model (``AutoModel``) has them without ``base_model_prefix``."""
     modules = dict(model.named_modules())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    modules.update({f"{prefix}{name}": module for name, module in list(modules.items()) if name})
     for name, (out_features, in_features) in spec.get("linears", {}).items():
         resize_linear_(modules[name], out_features, in_features)
     for name, attributes in spec.get("attributes", {}).items():

@@ -161,20 +161,28 @@ def resize_spec(model: nn.Module) -> dict[str, Any]:
 
 def add_remote_code_(model: nn.Module, output_dir: str | Path, spec: dict[str, Any]) -> None:
     """Write ``modeling_sparseft.py`` to ``output_dir`` and point the config's ``auto_map`` at it."""
-    base = type(model)
-    source = inspect.getsource(resized_modeling)
-    source += f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
-    source += f"Resized{base.__name__} = resized_class({base.__name__})\n"
-    Path(output_dir, REMOTE_CODE_FILE).write_text(source)
+    write_remote_code_(model, Path(output_dir, REMOTE_CODE_FILE), resized_modeling, "Resized", "resized_class")
     setattr(model.config, RESIZED_KEY, spec)
-    point_auto_map_(model, REMOTE_CODE_FILE, f"Resized{base.__name__}")
 
 
-def point_auto_map_(model: nn.Module, code_file: str, class_name: str) -> None:
-    """Map every auto class that builds ``type(model)`` to ``class_name`` in ``code_file`` (remote code)."""
-    module_name = code_file.removesuffix(".py")
-    model.config.auto_map = {auto: f"{module_name}.{class_name}" for auto in AUTO_CLASSES
-                             if _auto_model_class(auto, model.config) is type(model)}
+def remote_classes(model: nn.Module) -> list[type]:
+    """The classes an export's remote code subclasses: the model's own and its base model's, which
+    ``AutoModel`` and the ``feature-extraction`` pipeline build (a plain export loads as both)."""
+    return list(dict.fromkeys([type(model), type(model.base_model)]))
+
+
+def write_remote_code_(model: nn.Module, path: Path, module: Any, prefix: str, factory: str) -> None:
+    """Copy ``module`` (self-contained source) to ``path``, define ``<prefix><Class> = factory(<Class>)``
+    for each of :func:`remote_classes`, and map every auto class that builds one of them to its subclass
+    in the config's ``auto_map`` (loaded with ``trust_remote_code=True``)."""
+    names = [cls.__name__ for cls in remote_classes(model)]
+    source = inspect.getsource(module)
+    source += f"\n\nfrom transformers import {', '.join(names)}  # noqa: E402\n\n"
+    source += "".join(f"{prefix}{name} = {factory}({name})\n" for name in names)
+    path.write_text(source)
+    built = {auto: _auto_model_class(auto, model.config) for auto in AUTO_CLASSES}
+    model.config.auto_map = {auto: f"{path.stem}.{prefix}{cls.__name__}" for auto, cls in built.items()
+                             if cls is not None and cls.__name__ in names}
 
 
 def _auto_model_class(auto: str, config: Any) -> type | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -17,54 +18,92 @@ from sparseft.datamodules.base import write_label_tsv
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``sparseft predict`` outputs in the datamodule's format into the run directory.
+    """Write ``sparseft predict`` outputs in the datamodule's format into the run directory; the files
+    written last are in ``paths``.
 
-    The datamodule formats them (``write_predictions``): GLUE a TSV of index and label name,
-    SQuAD ``{question id: answer}`` JSON, E2E one output per MR and line; without a datamodule
-    that can, a TSV of index and class id. The run directory is the trainer's ``log_dir`` (the
-    logger's version folder, else ``default_root_dir``); the path written is printed. With
-    several processes each rank writes its own file, ``<stem>-rank<r><suffix>``, with the rows
-    it saw (where the format allows it; see ``predictions_per_rank``).
+    The datamodule formats them (``write_predictions``), one file per predicted set
+    (``prediction_files``): GLUE the GLUE website's TSVs, SQuAD ``{question id: answer}`` JSON,
+    E2E one output per MR and line; without a datamodule that can, a TSV of index and class id.
+    The run directory is the trainer's ``log_dir`` (``default_root_dir`` without a logger); the
+    paths written are printed. With several processes each rank writes its own files,
+    ``<stem>-rank<r><suffix>``, with the rows it saw (where the format allows it; see
+    ``predictions_per_rank``).
 
     Args:
         output_file: file name or path; relative paths are under the run directory. None: the
-            datamodule's ``prediction_file`` (``predictions.tsv`` without one).
+            datamodule's ``prediction_files`` (``predictions.tsv`` without one). With several
+            predicted sets, each file is named ``<stem>-<the datamodule's file stem><suffix>``.
     """
 
     def __init__(self, output_file: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output_file = output_file
-        self.path: Path | None = None  # the file written last
+        self.paths: list[Path] = []  # the files written last
 
-    def target(self, trainer: Trainer) -> Path:
-        """The file this process writes to."""
-        name = self.output_file or getattr(trainer.datamodule, "prediction_file", "predictions.tsv")
-        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+    def targets(self, trainer: Trainer) -> list[Path]:
+        """The files this process writes, one per predicted set."""
+        names = getattr(trainer.datamodule, "prediction_files", None) or ["predictions.tsv"]
+        if self.output_file:
+            given = Path(self.output_file)
+            names = [given] if len(names) == 1 else [given.with_stem(f"{given.stem}-{Path(n).stem}") for n in names]
+        paths = [Path(trainer.log_dir or trainer.default_root_dir) / name for name in names]
         if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
-        return path
+            paths = [path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}") for path in paths]
+        return paths
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse, before predicting, to overwrite an earlier run's file (a run without a logger writes
-        into ``default_root_dir`` itself, so two predicts there would share the file name)."""
-        path = self.target(trainer)
-        if path.exists():
-            raise ValueError(f"predictions file {path} exists: move it, or give --trainer.default_root_dir a new "
-                             "directory (or keep the default logger, which writes each run into a new version_N)")
+        """Refuse, before predicting, to overwrite an earlier run's file."""
+        for path in self.targets(trainer):
+            if path.exists():
+                raise ValueError(f"predictions file {path} exists: move it, or predict into another directory "
+                                 "(--output_dir)")
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        datamodule = trainer.datamodule
+        datamodule, paths = trainer.datamodule, self.targets(trainer)
+        per_set = [predictions] if len(paths) == 1 else predictions  # Lightning nests them only for several sets
+        for path, outputs, batches in zip(paths, per_set, batch_indices or [[]] * len(paths)):
+            indices = [i for batch in batches for i in batch]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if hasattr(datamodule, "write_predictions"):
+                datamodule.write_predictions(outputs or [], indices, path)
+            else:
+                write_label_tsv(outputs or [], indices, path)
+            print(f"predictions written to {path}")
+        self.paths = paths
+
+
+class MetricsWriter(Callback):
+    """Write what ``sparseft validate`` / ``test`` reports (every logged metric, MNLI's per dev set) to
+    ``metrics.json`` in the run directory (the trainer's ``log_dir``), and print its path. An existing
+    file is never overwritten: the run is refused before it starts.
+
+    Runs on: ``on_validation_start`` / ``on_test_start`` (the check), ``on_validation_end`` /
+    ``on_test_end`` (the file, written by process 0), outside ``fit`` only.
+    """
+
+    FILE = "metrics.json"
+
+    def target(self, trainer: Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.FILE
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING and self.target(trainer).exists():
+            raise ValueError(f"metrics file {self.target(trainer)} exists: move it, or evaluate into another "
+                             "directory (--output_dir)")
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING or trainer.sanity_checking or not trainer.is_global_zero:
+            return
         path = self.target(trainer)
-        indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
+        metrics = {key: float(value) for key, value in sorted(trainer.callback_metrics.items())}
         path.parent.mkdir(parents=True, exist_ok=True)
-        if hasattr(datamodule, "write_predictions"):
-            datamodule.write_predictions(predictions or [], indices, path)
-        else:
-            write_label_tsv(predictions or [], indices, path, None)
-        self.path = path
-        print(f"predictions written to {path}")
+        path.write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"metrics written to {path}")
+
+    on_validation_start = on_test_start = _check
+    on_validation_end = on_test_end = _write
 
 
 class RandomState(Callback):

@@ -9,6 +9,7 @@ dataformats="HWC")`` takes and what :func:`save_png` writes.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ KEPT_COLOUR = np.array([8, 48, 107], dtype=np.float32)
 ROW_HEIGHT = 16
 BAR_WIDTH = 360
 MARGIN = 8
+COLOUR_BAR_WIDTH = 16
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=11)
+    return ImageFont.load_default(size=12)
 
 
 def _text_width(text: str) -> int:
@@ -84,26 +86,67 @@ def kept_density(mask: torch.Tensor, max_side: int = 256) -> np.ndarray:
     return F.adaptive_avg_pool2d(kept[None, None], size)[0, 0].numpy()
 
 
-def mask_heatmap(mask: torch.Tensor, title: str, max_side: int = 256, min_side: int = 192) -> np.ndarray:
-    """The mask as a picture: rows are output units, columns input features, darker is more kept.
+@dataclass
+class Heatmap:
+    """A drawn mask heat-map: the ``[height, width, 3]`` ``uint8`` image, the boxes of its parts
+    (``cells``, ``colour_bar``) as ``(left, top, right, bottom)`` pixels, and every text in it."""
+
+    image: np.ndarray
+    boxes: dict[str, tuple[int, int, int, int]]
+    texts: list[str]
+
+
+def mask_heatmap(mask: torch.Tensor, title: str, max_side: int = 256, min_side: int = 512,
+                 min_short_side: int = 192) -> Heatmap:
+    """The mask as a picture: rows are output units, columns input features, darker is more kept,
+    with axis labels and a colour bar (kept at the top, pruned at the bottom) as its legend.
 
     Large masks are averaged into at most ``max_side`` cells a side; small ones are enlarged (each
-    weight a square of pixels) to at least ``min_side`` pixels a side.
+    weight or cell a square of pixels) until the longer side is at least ``min_side`` pixels and the
+    shorter one ``min_short_side`` (a wide FFN matrix), the longer one staying within 1024.
     """
     density = kept_density(mask, max_side)
     colours = PRUNED_COLOUR + density[..., None] * (KEPT_COLOUR - PRUNED_COLOUR)
     cells = Image.fromarray(colours.round().astype(np.uint8), "RGB")
-    scale = max(1, -(-min_side // max(density.shape)))
+    scale = max(-(-min_side // max(density.shape)), -(-min_short_side // min(density.shape)))
+    scale = max(1, min(scale, 1024 // max(density.shape)))
     cells = cells.resize((density.shape[1] * scale, density.shape[0] * scale), Image.Resampling.NEAREST)
+    rows, columns = mask.shape
     kept_fraction = float((mask != 0).float().mean()) if mask.numel() else 0.0
-    caption = f"{tuple(mask.shape)} kept {kept_fraction:.1%}; rows: outputs, columns: inputs"
-    width = max(cells.width, _text_width(title), _text_width(caption)) + 2 * MARGIN
-    image = Image.new("RGB", (width, cells.height + 2 * ROW_HEIGHT + 2 * MARGIN), BACKGROUND)
+    caption = f"{tuple(mask.shape)}, {kept_fraction:.1%} of the weights kept"
+    x_label, y_label = f"input features (columns 0-{columns - 1})", f"output units (rows 0-{rows - 1})"
+    vertical = _vertical_text(y_label)
+    legend = ("kept", "50% kept", "pruned")  # a cell averaging several weights shows the fraction kept
+    left, top = MARGIN + ROW_HEIGHT + MARGIN, MARGIN + 2 * ROW_HEIGHT + MARGIN
+    cells_box = (left, top, left + cells.width, top + cells.height)
+    bar_left = cells_box[2] + 2 * MARGIN
+    bar_box = (bar_left, top, bar_left + COLOUR_BAR_WIDTH, cells_box[3])
+    width = max(bar_box[2] + MARGIN + max(_text_width(text) for text in legend),
+                left + _text_width(x_label), _text_width(title), _text_width(caption)) + 2 * MARGIN
+    height = max(cells_box[3] + ROW_HEIGHT, top + vertical.height) + 2 * MARGIN
+    image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, MARGIN), title, fill=INK, font=_font())
     draw.text((MARGIN, MARGIN + ROW_HEIGHT), caption, fill=INK, font=_font())
-    image.paste(cells, (MARGIN, MARGIN + 2 * ROW_HEIGHT))
-    return np.asarray(image)
+    image.paste(cells, cells_box[:2])
+    draw.rectangle((cells_box[0] - 1, cells_box[1] - 1, cells_box[2], cells_box[3]), outline=GRID)
+    draw.text((left, cells_box[3] + MARGIN // 2), x_label, fill=INK, font=_font())
+    image.paste(vertical, (MARGIN, top))
+    gradient = np.linspace(1.0, 0.0, bar_box[3] - bar_box[1])[:, None, None]  # kept at the top
+    bar = PRUNED_COLOUR + gradient * (KEPT_COLOUR - PRUNED_COLOUR)
+    image.paste(Image.fromarray(np.repeat(bar, COLOUR_BAR_WIDTH, 1).round().astype(np.uint8), "RGB"), bar_box[:2])
+    draw.rectangle(bar_box, outline=INK)
+    for text, y in zip(legend, (bar_box[1], (bar_box[1] + bar_box[3] - ROW_HEIGHT) // 2, bar_box[3] - ROW_HEIGHT)):
+        draw.text((bar_box[2] + MARGIN, y), text, fill=INK, font=_font())
+    boxes = {"cells": cells_box, "colour_bar": bar_box}
+    return Heatmap(np.asarray(image), boxes, [title, caption, x_label, y_label, *legend])
+
+
+def _vertical_text(text: str) -> Image.Image:
+    """``text`` written bottom to top, for a y-axis label."""
+    label = Image.new("RGB", (_text_width(text) + 2, ROW_HEIGHT), BACKGROUND)
+    ImageDraw.Draw(label).text((0, 0), text, fill=INK, font=_font())
+    return label.rotate(90, expand=True)
 
 
 def heatmap_layers(count: int, wanted: int = 3) -> list[int]:

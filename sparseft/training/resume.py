@@ -11,6 +11,9 @@
 * :func:`check_strategy_settings`: a checkpoint's masks belong to its strategy's settings;
   resuming with another ``sparsity`` (or targets, schedule, pattern, ranks, ...) would keep the
   old masks and then revive pruned weights chosen by position. Refused, naming both values.
+* :func:`strategy_for_evaluation`: ``validate`` / ``test`` / ``predict`` take the strategy and its
+  settings from the checkpoint where the user gave none, as they take model options; a strategy or
+  setting the user gave that differs is refused, saying to drop it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparseft.strategies.base import SparsityStrategy
-from sparseft.strategies.registry import build_strategy
+from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
+from sparseft.strategies.registry import build_strategy, strategy_class
 from sparseft.training.checkpoint_checks import is_checkpoint_path, load_checkpoint
 
 #: The options that say which model a checkpoint holds: a different one is another model.
@@ -114,6 +117,62 @@ def _effective_settings(strategy: SparsityStrategy) -> dict[str, Any]:
 
 def _cli_value(value: Any) -> str:
     return json.dumps(value) if value is None or isinstance(value, (list, tuple, bool)) else str(value)
+
+
+def _settings_given(entry: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a ``sparsity`` entry (class path and constructor arguments) that differ from its
+    class's defaults: what the user gave."""
+    cls = strategy_class(entry)
+    init_args = entry.get("init_args") or {}
+    required = {name: init_args[name] for name, parameter in inspect.signature(cls).parameters.items()
+                if parameter.default is inspect.Parameter.empty and name in init_args}
+    defaults = _effective_settings(build_strategy({**entry, "init_args": required}))
+    return {key: value for key, value in _effective_settings(build_strategy(entry)).items()
+            if value != defaults.get(key)}
+
+
+def strategy_for_evaluation(saved: dict[str, Any] | None, user: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``sparsity`` entry (``class_path`` and ``init_args``) that ``validate`` / ``test`` / ``predict``
+    run with from a checkpoint: the checkpoint's strategy (``saved``, its :meth:`~SparsityStrategy.describe`
+    entry, or None), with any setting the user's entry (``user``) changes that may change
+    (:data:`CHANGEABLE_ON_RESUME`). The user's settings left at their defaults are not "given".
+
+    Raises:
+        ValueError: the user gave a strategy the checkpoint does not have, or a mask setting other than
+            the checkpoint's; the message says what to drop.
+    """
+    if user is None:
+        return None if saved is None else {"class_path": saved["class_path"], "init_args": saved["init_args"]}
+    cls = strategy_class(user)
+    name = cls.strategy_name or cls.__name__
+    if saved is None or strategy_class(saved) is not cls:
+        held = f"sparsity strategy {saved.get('name') or saved['class_path']!r}" if saved else "no sparsity strategy"
+        raise ValueError(f"this checkpoint has {held}, but this run sets --sparsity {name}: drop --sparsity (and its "
+                         "settings) to evaluate the checkpoint as it was trained")
+    given, saved_settings = _settings_given(user), _effective_settings(build_strategy(saved))
+    differ = [key for key, value in given.items()
+              if key not in CHANGEABLE_ON_RESUME and value != saved_settings.get(key)]
+    if differ:
+        changes = ", ".join(f"--sparsity.{key}={_cli_value(given[key])} (checkpoint: "
+                            f"{_cli_value(saved_settings.get(key))})" for key in differ)
+        raise ValueError(f"this run's {name} settings differ from the checkpoint's: {changes}; its masks were made "
+                         "with the checkpoint's settings, which are used when not given: drop "
+                         f"{', '.join(f'--sparsity.{key}' for key in differ)}")
+    kept = {key: value for key, value in given.items() if key in CHANGEABLE_ON_RESUME}
+    return {"class_path": saved["class_path"], "init_args": {**saved["init_args"], **kept}}
+
+
+def strategy_options_from_checkpoint(ckpt_path: str | None, user: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``sparsity`` entry an evaluation from ``ckpt_path`` runs with (:func:`strategy_for_evaluation`;
+    ``user`` where ``ckpt_path`` is no checkpoint file or directory); logs it when taken from the checkpoint."""
+    if not ckpt_path or not is_checkpoint_path(ckpt_path):
+        return user
+    entry = strategy_for_evaluation(load_checkpoint(ckpt_path, tensors=False).get(CHECKPOINT_KEY), user)
+    if entry is not None and entry != user:
+        settings = ", ".join(f"{key}={value!r}" for key, value in _settings_given(entry).items())
+        name = strategy_class(entry).strategy_name or entry["class_path"]
+        rank_zero_info(f"sparseft: sparsity from --ckpt_path {ckpt_path}: {name}({settings})")
+    return entry
 
 
 def check_checkpoint_strategies(saved: dict[str, Any] | None, strategies: list[SparsityStrategy]) -> None:

@@ -112,7 +112,7 @@ class TensorBoardSummary(Callback):
         images = {"sparsity/layers": sparsity_bar_chart(names, sparsities, f"measured sparsity per layer, {trained}")}
         labels = short_names(names)
         for index in heatmap_layers(len(layers)):
-            images[f"masks/{labels[index]}"] = mask_heatmap(layers[index].mask, f"{names[index]}, {trained}")
+            images[f"masks/{labels[index]}"] = mask_heatmap(layers[index].mask, f"{names[index]}, {trained}").image
         for logger in tensorboard_loggers(trainer):
             for tag, image in images.items():
                 logger.experiment.add_image(tag, image, logged_step(trainer), dataformats="HWC")
