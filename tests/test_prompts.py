@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparseft.backbones.loading import load_backbone
 from sparseft.datamodules.e2e import E2EDataModule
 from sparseft.datamodules.prompts import ChatPrompt, PlainPrompt
-from sparseft.testing import CHAT_VOCAB, make_tiny_tokenizer
+from sparseft.testing import CHAT_VOCAB, make_tiny_model_dir, make_tiny_tokenizer
 
 ID = {word: index for index, word in enumerate(CHAT_VOCAB)}
 START, END, NL, PAD = ID["<|im_start|>"], ID["<|im_end|>"], ID["\n"], ID["<|endoftext|>"]
@@ -86,6 +87,19 @@ def test_predictions_stop_at_the_end_of_turn_and_carry_no_role_words(chat_tokeni
     assert model.kwargs["eos_token_id"] == [END] and model.kwargs["pad_token_id"] == PAD
     # cut at the first special token, never by matching words: "assistant" inside an answer stays
     assert texts == ["aromi is a cheap restaurant .", "the assistant is cheap", ""]
+
+
+def test_beam_search_of_a_tiny_llama_with_a_chat_template(tmp_path):
+    """The real ``generate`` takes the stop list with beams; outputs are answers only."""
+    model_dir = make_tiny_model_dir(tmp_path, "llama", task="causal-lm", tokenizer_kind="chat")
+    data = E2EDataModule(tokenizer=str(model_dir), num_beams=2, max_new_tokens=6)
+    assert isinstance(data.prompt_format, ChatPrompt)  # the template travels with the saved tokenizer
+    features = data.encode_eval({"mr": [MR, "name[The Eagle], food[French]"]}, [0, 1])
+    batch = data.collate([{**{k: torch.tensor(v[i]) for k, v in features.items()}, "references": []}
+                          for i in range(2)])
+    model = load_backbone("causal-lm", str(model_dir)).eval()
+    texts = data.generate(model, batch)
+    assert len(texts) == 2 and not any("<|" in text for text in texts)
 
 
 def test_an_end_of_turn_other_than_eos_ends_targets_and_stops_generation():
