@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from sparseft.datamodules.base import TextDataModule
 from sparseft.datamodules.e2e_metrics import E2EMetric
 from sparseft.datamodules.files import utf8_lines
-from sparseft.datamodules.prompts import PromptFormat, answer_text, prompt_format, special_ids
+from sparseft.datamodules.prompts import PromptFormat, answer_text, make_prompt_format, special_ids
 
 HUB_DATASET = "tuetschek/e2e_nlg"
 HUB_COLUMNS = {"meaning_representation": "mr", "human_reference": "ref"}
@@ -155,7 +155,7 @@ class E2EDataModule(TextDataModule):
         """The layout of prompts and targets for this tokenizer (built on first use)."""
         if self._format is None or self._format.tokenizer is not self.tokenizer:
             try:
-                self._format = prompt_format(self.tokenizer, self.chat_template)
+                self._format = make_prompt_format(self.tokenizer, self.chat_template)
             except ValueError as error:
                 raise ValueError(f"E2E: {error}") from error
         return self._format

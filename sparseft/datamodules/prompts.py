@@ -2,7 +2,7 @@
 it learns to write (the only tokens with labels), the tokens that end its answer, and how a
 generated continuation becomes the answer's text.
 
-Two formats, picked by :func:`prompt_format`:
+Two formats, picked by :func:`make_prompt_format`:
 
 * :class:`ChatPrompt` — the tokenizer's chat template (instruct backbones: SmolLM2-Instruct,
   Qwen, Llama-3-Instruct...). The input is the user turn; the prompt ends with the template's
@@ -131,6 +131,6 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_format(tokenizer: PreTrainedTokenizerBase, chat_template: bool = True) -> PromptFormat:
+def make_prompt_format(tokenizer: PreTrainedTokenizerBase, chat_template: bool = True) -> PromptFormat:
     """:class:`ChatPrompt` when ``chat_template`` is on and the tokenizer has a template, else :class:`PlainPrompt`."""
     return ChatPrompt(tokenizer) if chat_template and has_chat_template(tokenizer) else PlainPrompt(tokenizer)
