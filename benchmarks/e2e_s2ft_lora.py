@@ -11,6 +11,9 @@ subprocess, one after another (never concurrently). Example (RESULTS.md has the 
         --runs zero_shot s2ft "dsee:sparsity=0.0,num_sparse=0,rank=18,alpha=36,train_head=false" \\
         --out benchmarks/results/e2e_s2ft_lora_cpu.json
 
+Prompts use SmolLM2's chat template (the MR as the user turn, the reference as the assistant
+turn; ``--no_chat_template``: the GPT-2 format, MR + ``<|im_end|>`` then " " + reference).
+
 A run is ``zero_shot`` (no training) or ``<strategy>[:key=value,...]`` as in
 ``benchmarks/compare.py``; LoRA is DSEE with ``sparsity=0`` (no pruning) and ``num_sparse=0``
 (no sparse part).
@@ -63,6 +66,7 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, Any]:
         tokenizer=args.backbone, data_dir=args.data_dir, max_length=args.max_length, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, max_eval_samples=args.eval_mrs, seed=args.seed,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, with_meteor=not args.no_meteor,
+        chat_template=not args.no_chat_template,
     )
     module = SparseFTModule(
         backbone=args.backbone, task="causal-lm", learning_rate=args.lr, weight_decay=0.0,
@@ -138,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--eval_batch_size", type=int, default=25)
-    parser.add_argument("--max_length", type=int, default=128, help="E2E examples are at most 126 tokens")
+    parser.add_argument("--max_length", type=int, default=160,
+                        help="E2E examples are at most 155 tokens with SmolLM2's chat template (126 without)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup_ratio", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=42)
@@ -150,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss_window", type=int, default=20, help="steps averaged for the first/last loss")
     parser.add_argument("--samples", type=int, default=5, help="generated outputs kept in the JSON")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR (it needs Java)")
+    parser.add_argument("--no_chat_template", action="store_true",
+                        help="the GPT-2 format (MR + EOS, then ' ' + reference + EOS), not the chat template")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec here
     return parser.parse_args(argv)

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from sparseft.datamodules.base import TextDataModule
 from sparseft.datamodules.e2e_metrics import E2EMetric
 from sparseft.datamodules.files import utf8_lines
+from sparseft.datamodules.prompts import PromptFormat, answer_text, make_prompt_format, special_ids
 
 HUB_DATASET = "tuetschek/e2e_nlg"
 HUB_COLUMNS = {"meaning_representation": "mr", "human_reference": "ref"}
@@ -73,15 +74,19 @@ def pad_sequences(sequences: list[torch.Tensor], value: int, left: bool) -> torc
 
 
 class E2EDataModule(TextDataModule):
-    """The E2E NLG challenge (restaurant MRs → texts) for causal LMs such as GPT-2.
+    """The E2E NLG challenge (restaurant MRs → texts) for causal LMs such as GPT-2 or SmolLM2.
 
-    A training example is the MR's tokens, the tokenizer's EOS as separator, then " " and the
-    reference's tokens and EOS (the LoRA / PST GPT-2 E2E format); the loss covers only the
-    reference and its EOS (prompt labels are -100). Training batches are padded on the right.
-    Evaluation has one example per distinct MR with all its references; the prompt (MR and
-    separator, padded on the left) is completed by beam search, and the output, up to the
-    first EOS, is scored against the references with BLEU, NIST, METEOR, ROUGE-L and CIDEr
-    (see :mod:`sparseft.datamodules.e2e_metrics`). ``validation`` is the dev set; ``test``
+    A training example is a prompt and a target (:mod:`sparseft.datamodules.prompts`). When the
+    tokenizer has a chat template (instruct backbones) and ``chat_template`` is on, the prompt is
+    the template's conversation with the MR as the user turn, ending with the assistant header,
+    and the target is the reference as the assistant turn, ending with the template's
+    end-of-turn token. Otherwise (GPT-2) the prompt is the MR's tokens and the tokenizer's EOS,
+    the target " " and the reference's tokens and EOS (the LoRA / PST GPT-2 E2E format). The
+    loss covers only the target (prompt labels are -100). Training batches are padded on the right.
+    Evaluation has one example per distinct MR with all its references; the prompt (padded on
+    the left) is completed by beam search, which stops at the end of turn (EOS), and the output,
+    up to its first special token, is scored against the references with BLEU, NIST, METEOR,
+    ROUGE-L and CIDEr (see :mod:`sparseft.datamodules.e2e_metrics`). ``validation`` is the dev set; ``test``
     the challenge test set with references. ``predict`` (on ``test``, or ``dev`` with
     ``predict_split``) writes ``predictions.txt``: one output per distinct MR, in the order the
     MRs first appear in the file, the challenge's system-output format; the generation settings
@@ -96,8 +101,11 @@ class E2EDataModule(TextDataModule):
         no_repeat_ngram_size: no n-gram of this size appears twice in an output (0: off).
         max_new_tokens: longest generated output, in tokens.
         with_meteor: report METEOR (needs ``pycocoevalcap`` and Java; skipped without them).
+        chat_template: lay examples out with the tokenizer's chat template when it has one;
+            false: the GPT-2 format above for every tokenizer.
         **kwargs: the :class:`TextDataModule` arguments (``max_length`` bounds prompt plus
-            reference in training, default 128 here).
+            reference in training, default 160 here: with SmolLM2's tokenizer the longest training
+            example is 126 tokens in the GPT-2 format, 155 with its chat template and system turn).
     """
 
     task_type = "causal-lm"
@@ -112,13 +120,15 @@ class E2EDataModule(TextDataModule):
         no_repeat_ngram_size: int = 4,
         max_new_tokens: int = 64,
         with_meteor: bool = True,
+        chat_template: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("max_length", 128)
+        kwargs.setdefault("max_length", 160)
         super().__init__(**kwargs)
         self.num_beams, self.length_penalty = num_beams, length_penalty
         self.no_repeat_ngram_size, self.max_new_tokens = no_repeat_ngram_size, max_new_tokens
-        self.with_meteor = with_meteor
+        self.with_meteor, self.chat_template = with_meteor, chat_template
+        self._format: PromptFormat | None = None
 
     def split_names(self, split: str) -> list[str]:
         """``test`` is E2E's own test set (with references), not the dev set."""
@@ -142,18 +152,27 @@ class E2EDataModule(TextDataModule):
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
 
     @property
-    def eos_id(self) -> int:
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"E2E: tokenizer {self.tokenizer_name!r} has no EOS token to end MRs and outputs with")
-        return self.tokenizer.eos_token_id
+    def prompt_format(self) -> PromptFormat:
+        """The layout of prompts and targets for this tokenizer (built on first use)."""
+        if self._format is None or self._format.tokenizer is not self.tokenizer:
+            try:
+                self._format = make_prompt_format(self.tokenizer, self.chat_template)
+            except ValueError as error:
+                raise ValueError(f"E2E: {error}") from error
+        return self._format
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Generation ends at any of these: the end of turn (the EOS for GPT-2), then the EOS if it differs."""
+        return self.prompt_format.stop_ids
 
     @property
     def pad_id(self) -> int:
-        """Padding id: the tokenizer's, or EOS (GPT-2 has none); attention masks hide it."""
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        """Padding id: the tokenizer's, or the stop token (GPT-2 has none); attention masks hide it."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     def _prompts(self, mrs: list[str]) -> list[list[int]]:
-        prompts = [ids + [self.eos_id] for ids in self.tokenizer(mrs)["input_ids"]]
+        prompts = self.prompt_format.prompts(mrs)
         longest = max(map(len, prompts))
         if longest >= self.max_length:
             raise ValueError(
@@ -163,11 +182,10 @@ class E2EDataModule(TextDataModule):
         return prompts
 
     def encode(self, examples: dict[str, list]) -> dict[str, list]:
-        """Prompt + reference tokens; labels only on the reference and its EOS."""
-        targets = self.tokenizer([" " + ref for ref in examples["ref"]], add_special_tokens=False)["input_ids"]
+        """Prompt + target tokens; labels only on the target (the reference and its end of turn / EOS)."""
+        targets = self.prompt_format.targets(examples["mr"], examples["ref"])
         input_ids, labels, cut = [], [], 0
         for prompt, target in zip(self._prompts(examples["mr"]), targets):
-            target = target + [self.eos_id]
             cut += len(prompt) + len(target) > self.max_length
             input_ids.append((prompt + target)[: self.max_length])
             labels.append(([-100] * len(prompt) + target)[: self.max_length])
@@ -206,16 +224,18 @@ class E2EDataModule(TextDataModule):
         return MetricCollection({"e2e": E2EMetric(self.with_meteor)})
 
     def generate(self, model: Any, batch: dict[str, Any]) -> list[str]:
-        """Beam-search outputs for a left-padded batch of prompts, decoded up to the first EOS, with
-        whitespace runs (newlines too) collapsed to one space."""
+        """Beam-search outputs for a left-padded batch of prompts, stopped at the end of turn (EOS) and
+        decoded up to the first special token (so no next turn's role header), whitespace runs (newlines
+        too) collapsed to one space."""
         output = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=self.num_beams,
             length_penalty=self.length_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
-            max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.eos_id,
+            max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
         )
-        texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]  # one line each, as the challenge's output files
+        specials = special_ids(self.tokenizer)
+        generated = output[:, batch["input_ids"].shape[1] :].tolist()
+        return [answer_text(self.tokenizer, ids, specials) for ids in generated]  # one line each
 
     def predict_batch(self, module: LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
         """Each MR's index and generated output."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy
@@ -85,14 +85,40 @@ def _byte_bpe_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+#: a ChatML template (SmolLM2's, Qwen's) without a default system turn
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: the chat tokenizer's whole vocabulary, id = position: ids can be written down by hand in tests
+CHAT_VOCAB = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "system", "name", "[", "]",
+              "aromi", "the", "eagle", "is", "a", "cheap", "french", "restaurant", ".", ",", "food", "[UNK]"]
+
+
+def _chat_tokenizer() -> PreTrainedTokenizerFast:
+    """Lower-cased words, punctuation and newlines, one token each (no merges); ChatML's markers special,
+    ``<|im_end|>`` the EOS (as SmolLM2-Instruct)."""
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(CHAT_VOCAB)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="removed", invert=True)
+    tokenizer.add_special_tokens(CHAT_VOCAB[:3])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
 def make_tiny_tokenizer(kind: str = "wordpiece", corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Train a small tokenizer: ``wordpiece`` (BERT-style) or ``bpe`` (GPT-2-style byte-level)."""
+    """A small tokenizer: ``wordpiece`` (BERT-style) or ``bpe`` (GPT-2-style byte-level), trained on
+    ``corpus``; or ``chat``: a fixed word-level vocabulary (:data:`CHAT_VOCAB`) with a ChatML chat template."""
     corpus = corpus or _CORPUS
     if kind == "wordpiece":
         return _wordpiece_tokenizer(corpus)
     if kind == "bpe":
         return _byte_bpe_tokenizer(corpus)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece' or 'bpe'")
+    if kind == "chat":
+        return _chat_tokenizer()
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece', 'bpe' or 'chat'")
 
 
 def tiny_config(model_type: str = "bert", **overrides: Any) -> dict[str, Any]:
@@ -103,11 +129,13 @@ def tiny_config(model_type: str = "bert", **overrides: Any) -> dict[str, Any]:
 
 
 def make_tiny_model_dir(
-    path: str | Path, model_type: str = "bert", task: str = "sequence-classification", num_labels: int = 2
+    path: str | Path, model_type: str = "bert", task: str = "sequence-classification", num_labels: int = 2,
+    tokenizer_kind: str | None = None,
 ) -> Path:
-    """Save a random tiny model with a matching tokenizer to ``path`` and return it."""
+    """Save a random tiny model with a matching tokenizer (``tokenizer_kind``: a :func:`make_tiny_tokenizer`
+    kind; default ``bpe`` for decoders, ``wordpiece`` otherwise) to ``path`` and return it."""
     path = Path(path)
-    tokenizer = make_tiny_tokenizer("bpe" if model_type in ("gpt2", "llama") else "wordpiece")
+    tokenizer = make_tiny_tokenizer(tokenizer_kind or ("bpe" if model_type in ("gpt2", "llama") else "wordpiece"))
     config = tiny_config(model_type)
     for special in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if getattr(tokenizer, special) is not None:
