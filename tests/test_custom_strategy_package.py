@@ -132,5 +132,6 @@ def test_the_package_passes_the_conformance_suite(site, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
-    # skipped: fresh_masks (its masks do not follow scores) and the GPU precision check (no CUDA here)
-    assert re.search(r"\b8 passed, 2 skipped\b", summary), summary
+    # skipped: fresh_masks (its masks do not follow scores), in_place (it does not hold its masks in W0) and the GPU
+    # precision check (no CUDA here)
+    assert re.search(r"\b8 passed, 3 skipped\b", summary), summary

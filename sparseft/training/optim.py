@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
@@ -94,9 +95,11 @@ def build_optimizer(
 
 def fused_supported(groups: list[dict[str, Any]]) -> bool:
     """Whether torch's fused AdamW takes every parameter of ``groups``: floating point, on the CPU or a
-    CUDA device (sharded FSDP2 parameters included), and at least one parameter."""
+    CUDA device, and either all sharded (FSDP2 ``DTensor``) or none (the fused kernel refuses a mix, which
+    FSDP2 gives when it leaves empty tensors unsharded: S²FT's layers with no slice); and at least one."""
     parameters = [parameter for group in groups for parameter in group["params"]]
-    return bool(parameters) and all(
+    sharded = {isinstance(parameter, DTensor) for parameter in parameters}
+    return len(sharded) == 1 and all(
         parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda") for parameter in parameters
     )
 
