@@ -11,19 +11,23 @@ the same weight. An overlapping one is refused, both by the model's record of wh
 and by checking that the weights under the slice still hold the adapter's base values.
 
 Files are safetensors: ``<layer>.index``, ``<layer>.delta``, ``<layer>.base`` and the axes in
-the metadata.
+the metadata. PEFT has no S²FT, so this format is sparseft's own; LoRA-type updates are written in
+PEFT's format instead (:mod:`sparseft.export.peft`), and :func:`prepare_adapter` picks the one a
+model's update has.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparseft.export.pretrained import make_readable_
+from sparseft.export.peft import extract_peft_adapter, save_peft_adapter
+from sparseft.export.pretrained import check_export_target, make_readable_, staged_directory
 from sparseft.sparse.layers import as_out_in, is_transposed
 from sparseft.sparse.slices import sliced_layers
 
@@ -42,6 +46,29 @@ def extract_adapter(model: nn.Module) -> Adapter:
     if not adapter:
         raise ValueError("this model has no slice updates (SliceLinear layers) to extract")
     return adapter
+
+
+def prepare_adapter(model: nn.Module, path: str | Path, output_dir: str | Path, overwrite: bool = False,
+                    keep: Iterable[str | Path] = ()) -> Callable[[], Path]:
+    """Check ``path`` and take ``model``'s update before the export merges it; returns what writes it.
+
+    S²FT's slice layers become this module's adapter file; low-rank updates (``lora``, DSEE unpruned)
+    a PEFT adapter directory, written whole or not at all (``keep``: paths it must not replace).
+    """
+    if sliced_layers(model):
+        check_adapter_target(path, output_dir, overwrite)
+        adapter = extract_adapter(model)
+        return lambda: save_adapter(adapter, path)
+    target = check_export_target(path, overwrite, keep=[*keep, output_dir], option="--adapter_path")
+    tensors, config = extract_peft_adapter(model)
+
+    def write() -> Path:
+        with staged_directory(target) as staging:
+            save_peft_adapter(tensors, config, staging)
+            make_readable_(staging)
+        return target
+
+    return write
 
 
 def check_adapter_target(path: str | Path, output_dir: str | Path, overwrite: bool = False) -> None:

@@ -38,6 +38,8 @@ class LoRA(SparsityStrategy):
     happens at the training steps: no schedule, no mask.
 
     Args:
+        sparsity: always 0 (any other value is refused): taken so that scripts setting every strategy's
+            sparsity run LoRA as the dense-update baseline.
         rank: r, the inner dimension of ``B·A`` (PEFT's ``r``).
         alpha: α; the update is scaled by α/r (PEFT's ``lora_alpha``).
         dropout: dropout probability on the input of ``A`` (PEFT's ``lora_dropout``).
@@ -55,6 +57,7 @@ class LoRA(SparsityStrategy):
 
     def __init__(
         self,
+        sparsity: float = 0.0,
         rank: int = 8,
         alpha: float = 8.0,
         dropout: float = 0.0,
@@ -64,6 +67,9 @@ class LoRA(SparsityStrategy):
         train_head: bool | None = None,
         log_layers: bool = True,
     ) -> None:
+        if sparsity != 0:
+            raise ValueError(f"--sparsity.sparsity {sparsity} with lora: LoRA prunes nothing and its update B·A is "
+                             "dense, so its sparsity is 0; for LoRA with pruning use the dsee strategy")
         super().__init__(0.0, targets, SparsitySchedule(kind="constant"), "layer", log_layers)
         if rank < 1:
             raise ValueError(f"--sparsity.rank must be >= 1, got {rank}")
