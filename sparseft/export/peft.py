@@ -91,7 +91,9 @@ def extract_peft_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     transposed = {layer.layer.transposed for layer in layers}
     if len(transposed) > 1:
         raise ValueError("the targets mix nn.Linear and Conv1D layers: PEFT's fan_in_fan_out is one setting")
-    return tensors, _config(factors, transposed.pop(), _dropout(layers), sorted({_head_module(k) for k in heads}))
+    config = _config(factors, transposed.pop(), _dropout(layers), sorted({_head_module(k) for k in heads}))
+    config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return tensors, config
 
 
 def _check_exportable(layer: SparseLayer) -> bool:
