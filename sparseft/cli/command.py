@@ -49,7 +49,7 @@ from sparseft.cli.preflight import check_before_run
 from sparseft.cli.report import report_command
 from sparseft.cli.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 from sparseft.datamodules.base import TextDataModule
-from sparseft.export.adapters import prepare_adapter
+from sparseft.export.adapters import check_adapter_target, prepare_adapter
 from sparseft.export.compressed import WEIGHT_FORMATS
 from sparseft.export.pretrained import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
@@ -211,6 +211,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
                         help="replace a non-empty --output_dir (and an existing --adapter_path)")
     args = parser.parse_args(argv)
     check_export_target(args.output_dir, args.overwrite, keep=[args.ckpt_path])  # before loading anything
+    if args.adapter_path:
+        check_adapter_target(args.adapter_path, args.output_dir, args.overwrite)
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
     write_adapter = (prepare_adapter(module.model, args.adapter_path, args.output_dir, args.overwrite,
                                      keep=[args.ckpt_path]) if args.adapter_path else None)  # before the merge
