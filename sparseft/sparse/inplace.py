@@ -6,27 +6,31 @@ matmuls. When a weight once pruned never returns — the mask is static (SPDF), 
 the mask (magnitude's ``|W| ⊙ M``) — the zeros can be stored instead (as Cerebras' static sparsity
 and ``torch.ao.pruning`` do):
 
-* :func:`hold_`: ``W0 ← M ⊙ W0``, then the parametrization returns ``W0`` as it is (``held``);
+* :func:`hold_`: ``W0 ← M ⊙ W0`` and ``s ← M ⊙ s`` for every optimizer state ``s`` of ``W0``'s shape
+  (Adam's moments), then the parametrization returns ``W0`` as it is (``held``);
 * before every optimizer step, :func:`mask_gradients_`: ``∂L/∂W0 ← M ⊙ ∂L/∂W0``, the gradient the
-  parametrization's backward gives (so gradient clipping, Adam's moments and the kept weights come
-  out the same, bit for bit);
-* after every optimizer step, :func:`mask_weights_`: ``W0 ← M ⊙ W0`` (moments of weights pruned by
-  an earlier update still decay, and would move them; any optimizer is covered).
+  parametrization's backward gives (so gradient clipping and the kept weights' moments and values
+  come out the same, bit for bit);
+* after every optimizer step, :func:`mask_weights_` (``W0 ← M ⊙ W0``) only for an optimizer that
+  can move a weight whose gradient and state are 0 (:func:`pruned_stay_zero`): Muon's or Shampoo's
+  update of a masked gradient is dense, AdamW's and SGD's is 0 where the gradient is.
 
-Two in-place passes per optimizer step, no temporary: a training step costs what the dense one does,
-plus those passes. What differs from the parametrized run is only ``W0`` where pruned: 0 instead of a
-value no computation reads. A new mask (``SparseLayer.set_mask_``) releases the hold until
-:func:`hold_` zeroes the newly pruned weights.
+One in-place pass per optimizer step with AdamW, none full-size allocated: a training step costs
+what the dense one does, plus that pass. What differs from the masking run is only what no
+computation reads: ``W0`` and its optimizer state where pruned (0 instead of stale values). A new
+mask (``SparseLayer.set_mask_``) releases the hold until :func:`hold_` zeroes the newly pruned.
 
-Under FSDP2 each rank writes the rows of ``W0`` (and of its gradient) that it holds; the mask's
-matching rows are cached until the mask changes. Call :func:`hold_` and the masking functions outside
+Under FSDP2 each rank writes the rows of ``W0`` (its gradient, its state) that it holds; the mask's
+matching rows are cached until the mask changes. Call these functions outside
 :func:`~sparseft.sparse.sharding.whole_parameters` (a gathered copy's writes are dropped).
 
-Plain PyTorch: a training loop calls :func:`hold_` once, then :func:`mask_gradients_` before and
-:func:`mask_weights_` after every ``optimizer.step()``.
+Plain PyTorch: a training loop calls :func:`hold_` when a mask changes, :func:`mask_gradients_` before
+every ``optimizer.step()`` and, unless :func:`pruned_stay_zero`, :func:`mask_weights_` after it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -63,9 +67,22 @@ def zero_pruned_(target: torch.Tensor, keep: torch.Tensor) -> None:
     torch.where(keep, local, local.new_zeros(()), out=local)
 
 
+#: Optimizers whose update is elementwise and 0 where the gradient and every state entry are 0 (weight
+#: decay of a zero weight included): with them pruned weights stay 0 without masking after the step.
+ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.NAdam,
+                          torch.optim.RAdam, torch.optim.Adamax, torch.optim.RMSprop, torch.optim.Adagrad)
+
+
+def pruned_stay_zero(optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+    """Whether every optimizer leaves a weight at 0 whose gradient and state are 0 (its exact class is
+    one of :data:`ELEMENTWISE_OPTIMIZERS`; a subclass may change the update)."""
+    return all(type(optimizer) in ELEMENTWISE_OPTIMIZERS for optimizer in optimizers)
+
+
 @torch.no_grad()
-def hold_(layers: list[SparseLayer]) -> None:
-    """``W0 ← M ⊙ W0`` and have every layer's forward return ``W0`` itself.
+def hold_(layers: list[SparseLayer], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """``W0 ← M ⊙ W0`` and each of ``optimizers``' states of ``W0``'s shape likewise, and have every
+    layer's forward return ``W0`` itself.
 
     Raises:
         ValueError: a layer has ΔW or scores (:func:`can_hold`).
@@ -73,7 +90,9 @@ def hold_(layers: list[SparseLayer]) -> None:
     for layer in layers:
         if not can_hold(layer):
             raise ValueError(f"layer {layer.name}: a mask with ΔW or scores is applied in the forward, not held")
-        zero_pruned_(layer.stored_weight, stored_keep(layer))
+    mask_weights_(layers)
+    mask_optimizer_state_(layers, optimizers)
+    for layer in layers:
         layer.param.held = True
 
 
@@ -100,9 +119,11 @@ def mask_weights_(layers: list[SparseLayer]) -> None:
 
 
 @torch.no_grad()
-def mask_optimizer_state_(layers: list[SparseLayer], optimizers: list[torch.optim.Optimizer]) -> None:
-    """Every optimizer state tensor of ``W0``'s shape (Adam's moments) ``← M ⊙ state``: a pruned weight
-    restarts from zero moments if it is ever trained again (SPDF's switch to dense)."""
+def mask_optimizer_state_(layers: list[SparseLayer], optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Every optimizer state tensor of ``W0``'s shape (Adam's moments) ``← M ⊙ state``: a zero gradient
+    then leaves a pruned weight at 0, and it restarts from zero moments if it is ever trained again
+    (SPDF's switch to dense)."""
+    optimizers = list(optimizers)
     for layer in layers:
         weight, keep = layer.stored_weight, stored_keep(layer)
         for optimizer in optimizers:

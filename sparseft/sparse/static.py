@@ -2,11 +2,12 @@
 
 Plain PyTorch, no Lightning: a loop calls :func:`random_scores` / ``prune_`` once, then holds the
 masks in the weights (:mod:`sparseft.sparse.inplace`: ``W0`` zero where pruned, gradients masked
-before and weights after every optimizer step), and :func:`densify_` to train the pruned weights again.
+before every optimizer step), and :func:`densify_` to train the pruned weights again.
 
 What holds zeros where ``M = 0``, for a layer ``W_eff = M ⊙ W0``:
 
-* ``W0``, hence ``W_eff``: zeroed when the mask is held, and after every optimizer step;
+* ``W0``, hence ``W_eff``: zeroed when the mask is held, and kept there by a zero gradient (and by
+  masking after every step for an optimizer that is not elementwise);
 * ``∂L/∂W0``: masked before every optimizer step (NaN and inf included), so nothing added to the
   gradient leaks in;
 * AdamW's ``exp_avg`` / ``exp_avg_sq``: 0 from the start and kept there by the arithmetic, the

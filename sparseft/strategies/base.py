@@ -13,8 +13,9 @@ overrides one or two of:
 Runs on: ``setup`` (attach to targets, before the optimizer and DDP exist),
 ``on_train_start`` (training length), ``on_train_batch_start`` (schedule step, mask update),
 ``on_train_batch_end`` (logging), ``on_train_end`` (final sparsity exactly); with
-``holds_masks_in_place``, ``on_before_optimizer_step`` and ``on_train_batch_end`` keep pruned
-gradients and weights at zero (the masks live in ``W0``; the forward is the dense one); with
+``holds_masks_in_place``, ``on_before_optimizer_step`` (and ``on_train_batch_end`` for an optimizer
+that is not elementwise) keep pruned gradients and weights at zero (the masks live in ``W0``; the
+forward is the dense one); with
 ``masks_follow_scores``, ``on_validation_start`` / ``on_test_start`` / ``on_predict_start`` /
 ``on_save_checkpoint`` too (masks recomputed from the scores the last optimizer step left).
 
@@ -40,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparseft.sparse.inplace import can_hold, hold_, mask_gradients_, mask_weights_, release_
+from sparseft.sparse.inplace import can_hold, hold_, mask_gradients_, mask_weights_, pruned_stay_zero, release_
 from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.masks import CountRule, check_sparsity
 from sparseft.sparse.measure import count_parameters
@@ -90,10 +91,10 @@ class SparsityStrategy(Callback):
     gathers_what_it_reads: ClassVar[bool] = False
     #: A weight once pruned never returns (a static mask, or scores that include the mask, as
     #: magnitude's ``|W| ⊙ M``), so during training the masks are held in ``W0`` itself
-    #: (:mod:`sparseft.sparse.inplace`): ``W0`` zero where pruned, gradients masked before and
-    #: weights after every optimizer step, and the plain dense forward. Only for methods without
+    #: (:mod:`sparseft.sparse.inplace`): ``W0`` and its optimizer state zero where pruned, gradients
+    #: masked before every optimizer step, and the plain dense forward. Only for methods without
     #: ΔW and straight-through scores; the results are the masking forward's, bit for bit (the
-    #: conformance suite checks it), except ``W0`` where pruned (0 instead of a value nothing reads).
+    #: conformance suite checks it), except ``W0`` and its state where pruned (0, not values nothing reads).
     holds_masks_in_place: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -140,6 +141,7 @@ class SparsityStrategy(Callback):
         self._measured: dict[str, float] = {}
         self._masks_pending = False  # set by the coming forward (masks_from_forward_scores)
         self._masks_stale = False  # an optimizer step moved the scores since the masks were set
+        self._optimizers: list[torch.optim.Optimizer] = []  # the run's, from on_train_start
 
     def _check_pattern(self, pattern: MaskPattern) -> None:
         if pattern.scope != "nm":
@@ -333,13 +335,15 @@ class SparsityStrategy(Callback):
         trainable, all_params = count_parameters(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
+        self._optimizers = list(trainer.optimizers)
         self._hold_if_fixed()
 
     def _hold_if_fixed(self) -> None:
-        """Hold the masks in ``W0`` (``holds_masks_in_place``): after the checkpoint, if any, was loaded
-        and after every mask update, outside any gathering of sharded layers."""
+        """Hold the masks in ``W0`` (``holds_masks_in_place``), zeroing the newly pruned weights and their
+        optimizer state: after the checkpoint, if any, was loaded and after every mask update, outside
+        any gathering of sharded layers."""
         if self.holds_masks_in_place and self.layers:
-            hold_(self.layers)
+            hold_(self.layers, self._optimizers)
 
     def target_sparsity(self, step: int) -> float:
         """The scheduled sparsity; the last step always has the final one, so it is checkpointed."""
@@ -372,7 +376,7 @@ class SparsityStrategy(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.holds_masks_in_place:  # the optimizer step may have moved pruned weights (their moments)
+        if self.holds_masks_in_place and not pruned_stay_zero(self._optimizers):  # Muon's update is dense
             mask_weights_(self.layers)
         if self._masks_pending:  # the forward has set them
             self._measure()

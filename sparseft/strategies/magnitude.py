@@ -20,11 +20,12 @@ class Magnitude(SparsityStrategy):
     is their cubic ramp ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n·Δt))³`` (eq. 1).
 
     Since a pruned weight never returns, its mask is held in ``W`` itself during training
-    (``holds_masks_in_place``, :mod:`sparseft.sparse.inplace`): pruned weights stored as zeros, their
-    gradients masked before every optimizer step, and the plain dense forward.
+    (``holds_masks_in_place``, :mod:`sparseft.sparse.inplace`): pruned weights and their optimizer
+    state stored as zeros, their gradients masked before every optimizer step, and the plain dense forward.
 
     Runs on: ``on_train_batch_start`` (mask update when the scheduled sparsity changes),
-    ``on_before_optimizer_step`` / ``on_train_batch_end`` (pruned gradients, then weights, zeroed),
+    ``on_before_optimizer_step`` (pruned gradients zeroed; with an optimizer that is not elementwise,
+    such as Muon, pruned weights too, ``on_train_batch_end``),
     ``on_train_end`` (final sparsity exactly).
 
     Args:

@@ -39,11 +39,12 @@ class SPDF(SparsityStrategy):
     uniform random scores seeded by ``(seed, parameter name)`` (identical on every rank, in every
     run, whatever the module order) or by ``|W0|``. Then
 
-        W0 ← M ⊙ W0,    W_eff = W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0 before and W0 ← M ⊙ W0 after every step
+        W0 ← M ⊙ W0,    W_eff = W0,    ∂L/∂W0 ← M ⊙ ∂L/∂W0 before every optimizer step
 
     (the mask held in the weights, :mod:`sparseft.sparse.inplace`, as Cerebras' static sparsity: the
-    forward is the plain dense one), so neither momentum nor weight decay revives a pruned weight;
-    Adam's moments stay 0 where pruned, their gradient being 0. The mask never changes; it is a buffer
+    forward is the plain dense one), so neither momentum nor weight decay revives a pruned weight:
+    Adam's moments stay 0 where pruned, their gradient being 0 (an optimizer that is not elementwise,
+    such as Muon, has ``W0 ← M ⊙ W0`` after every step too). The mask never changes; it is a buffer
     in every checkpoint. With ``dense_from_step`` the run switches to dense at that optimizer
     step (Variable SPDF): pruned weights and their optimizer moments are zeroed, the mask and
     its hooks removed, and every weight trains from there. Under FSDP2 the parametrization, which
@@ -63,7 +64,7 @@ class SPDF(SparsityStrategy):
     Runs on: ``setup`` (mask chosen, or dense weights loaded), ``on_train_start`` (FLOPs per token; a
     warning when ``dense_from_step`` falls after the last step),
     ``on_train_batch_start`` (the Variable-SPDF switch), ``on_before_optimizer_step`` (gradients
-    masked), ``on_train_batch_end`` (weights masked; FLOPs and sparsity logged),
+    masked), ``on_train_batch_end`` (FLOPs and sparsity logged),
     ``on_train_end`` (FLOP summary).
 
     Args:

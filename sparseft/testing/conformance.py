@@ -288,9 +288,10 @@ def check_export(strategy: SparsityStrategy, root: Path) -> None:
 
 def check_in_place(make_strategy: Callable[[], SparsityStrategy], root: Path) -> None:
     """For ``holds_masks_in_place`` strategies: the run with the masks held in ``W0`` (the dense forward)
-    ends with the masks, effective weights, every other parameter and the optimizer state of the same run
-    masking in the forward, bit for bit; only ``W0`` where pruned differs (0 there). A method whose
-    pruned weights can return (their stale value read again) fails here."""
+    ends with the masks, effective weights, every other tensor of the model and the optimizer state of
+    the same run masking in the forward, bit for bit; only ``W0`` and its optimizer state where pruned
+    differ (0 there, stale values in the masking run that no computation reads). A method whose pruned
+    weights can return (their stale value read again) fails here."""
     held = make_strategy()
     if not held.holds_masks_in_place:
         pytest.skip("holds_masks_in_place is off: the masks are applied in the forward")
@@ -299,19 +300,24 @@ def check_in_place(make_strategy: Callable[[], SparsityStrategy], root: Path) ->
     runs = [_end_state(*fit(held, root / "held"), held), _end_state(*fit(masking, root / "masking"), masking)]
     for layer in held.layers:
         assert (layer.stored_weight[~stored_keep(layer)] == 0).all(), f"{layer.name}: W0 should be 0 where pruned"
+    assert runs[0].keys() == runs[1].keys()
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]), f"{key} differs between the held and the masking run"
-    assert runs[0].keys() == runs[1].keys()
 
 
 def _end_state(trainer: Trainer, module: SparseFTModule, strategy: SparsityStrategy) -> dict[str, torch.Tensor]:
-    """Masks, effective weights, the model's other tensors (not ``W0``) and the optimizer state."""
+    """Masks, effective weights, the model's other tensors (not ``W0``) and the optimizer state (``W0``'s
+    only where kept)."""
     state = {key: value for key, value in module.state_dict().items() if not key.endswith(".original")}
     state.update({f"{layer.name}.effective_weight": layer.layer.weight().detach() for layer in strategy.layers})
     names = {id(parameter): name for name, parameter in module.named_parameters()}
-    state.update({f"optimizer: {names[id(parameter)]}/{key}": value
-                  for optimizer in trainer.optimizers for parameter, values in optimizer.state.items()
-                  for key, value in values.items() if torch.is_tensor(value)})
+    kept = {id(layer.stored_weight): stored_keep(layer) for layer in strategy.layers}
+    for optimizer in trainer.optimizers:
+        for parameter, values in optimizer.state.items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    keep = kept.get(id(parameter)) if value.shape == parameter.shape else None
+                    state[f"optimizer: {names[id(parameter)]}/{key}"] = value if keep is None else value * keep
     return state
 
 
