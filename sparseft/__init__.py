@@ -13,6 +13,7 @@ from sparseft.strategies import (
     PST,
     S2FT,
     SPDF,
+    LoRA,
     Magnitude,
     Movement,
     SparsityStrategy,
@@ -25,7 +26,7 @@ from sparseft.training import SparseFTModule
 __version__ = "0.1.0"
 
 __all__ = [
-    "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "Magnitude", "Movement",
+    "DSEE", "PST", "S2FT", "SPDF", "E2EDataModule", "GLUEDataModule", "LoRA", "Magnitude", "Movement",
     "RawTextDataModule", "SparseFTModule", "SparsityStrategy", "SquadDataModule", "TextDataModule",
     "available_strategies", "export_pretrained", "get_strategy", "load_compressed", "prune_", "register_strategy",
     "sparsify", "to_semi_structured",

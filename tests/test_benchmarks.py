@@ -52,7 +52,10 @@ def test_s2ft_memory_benchmark_measures_every_component_on_a_tiny_llama(tmp_path
     args = s2ft_memory.parse_args([
         "--backbone", str(directory), "--batch_size", "2", "--seq_len", "8", "--steps", "2", "--warmup", "1",
         "--lora_rank", "2", "--head_ratio", "0.25", "--channel_ratio", "0.1", "--device", "cpu"])
-    full, lora, s2ft = memory = [s2ft_memory.memory_run(method, args) for method in s2ft_memory.METHODS]
+    if importlib.util.find_spec("peft") is None:  # an optional extra: the rest is measured without it
+        args.methods = [method for method in args.methods if method != "peft"]
+    memory = [s2ft_memory.memory_run(method, args) for method in args.methods]
+    full, lora, s2ft = (next(r for r in memory if r["method"] == m) for m in ("full", "lora", "s2ft"))
     assert full["trainable_parameters"] == full["total_parameters"]
     assert full["gradients"] == 4 * full["trainable_parameters"]  # float32
     assert full["optimizer_state"] == 2 * full["gradients"]  # AdamW: two moments
@@ -67,7 +70,35 @@ def test_s2ft_memory_benchmark_measures_every_component_on_a_tiny_llama(tmp_path
         assert result["peak_tensors"] >= result["weights"] + result["optimizer_state"]
         assert result["activations"] > 0 and isinstance(result["peak_rss"], int)  # RSS: meaningful in a fresh process
     assert s2ft["activations"] < full["activations"]  # frozen linears save no input
+    if "peft" in args.methods:  # the same adapter: what is stored and saved is PEFT's, tensor for tensor
+        peft = memory[args.methods.index("peft")]
+        for key in ("trainable_parameters", "gradients", "optimizer_state", "activations", "weights"):
+            assert lora[key] == peft[key], key
     timing = s2ft_memory.timing_run(args)
-    assert timing["full"]["step_vs_full"] == 1.0 and all(timing[m]["median_step_s"] > 0 for m in s2ft_memory.METHODS)
+    assert timing["full"]["step_vs_full"] == 1.0 and all(timing[m]["median_step_s"] > 0 for m in args.methods)
     table = s2ft_memory.format_table(memory, timing)
     assert "| s2ft | 896 |" in table and "| full |" in table and "1.00 (1.00–1.00)" in table
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_reports_every_part(tmp_path):
+    """The GPU script's CPU dry run (toy sizes): every part runs and is reported, what needs CUDA says so."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[1] / "benchmarks" / "device_check.py"
+    done = subprocess.run([sys.executable, str(script), "--dry_run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "device_check.json").read_text())
+    assert result["dry_run"] and list(result["parts"]) == ["smollm2", "two_four", "bert", "fsdp2"]
+    for name, part in result["parts"].items():
+        assert part["status"] == "ok" and part["exit_code"] == 0 and part["table"], (name, part.get("error"))
+    smollm2 = result["parts"]["smollm2"]
+    assert {r["method"] for r in smollm2["memory"]} >= {"full", "lora", "s2ft"} and "s2ft" in smollm2["timing"]
+    assert result["parts"]["two_four"]["matmuls"] == "skipped: needs CUDA"
+    assert [r["method"] for r in result["parts"]["bert"]["rows"]] == ["dense", "pst", "movement", "magnitude", "dsee"]
+    assert result["parts"]["fsdp2"]["global_step"] == 4
+    markdown = (tmp_path / "device_check.md").read_text()
+    assert all(f"## {name} (ok" in markdown for name in result["parts"])

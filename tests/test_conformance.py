@@ -20,6 +20,8 @@ SETTINGS: dict[str, dict] = {
     # boundary (optimizer restarted at step 3) and mid-schedule. The one-shot boundary is in test_dsee.py.
     "dsee": dict(sparsity=0.6, pattern="layer", rank=2, num_sparse=8, learning_rate=1e-2,
                  schedule=dict(kind="cubic", initial_warmup=0.2, final_warmup=0.3)),
+    # LoRA prunes nothing: its sparsity is 0 and every check holds with no mask at all
+    "lora": dict(rank=2, alpha=4.0, targets=["q", "k", "v", "ffn_out"], learning_rate=1e-2),
     # S²FT's sparsity is of the update: 1 of 4 heads and 16 of 64 channels trained in every block
     "s2ft": dict(sparsity=0.75, allocation="layer", learning_rate=1e-2),
     # SPDF's static mask is chosen at setup: the final sparsity from step 0

@@ -101,7 +101,7 @@ def test_installed_strategy_is_registered_and_sparseft_suite_is_unchanged(instal
     assert cls.__name__ == "RandomPruning" and Path(sys.modules[cls.__module__].__file__).is_relative_to(installed)
     # the conformance suite covers sparseft's strategies, the same ones as before the install
     assert sparseft_strategies() == {name: suite.strategy_class for name, suite in SUITES.items()}
-    assert "random_pruning" not in SUITES and len(SUITES) == 6
+    assert "random_pruning" not in SUITES and len(SUITES) == 7
 
 
 @pytest.mark.slow

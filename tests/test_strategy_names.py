@@ -51,7 +51,7 @@ def test_names_elsewhere_in_a_config_are_left_alone():
 def test_unknown_name_in_yaml_is_one_line_listing_the_available(tiny_bert_dir, sst2_dir, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("sparsity:\n  class_path: snipp\n")
-    listed = r"^unknown sparsity strategy 'snipp'; available: dsee, magnitude, .*spdf"
+    listed = r"^unknown sparsity strategy 'snipp'; available: dsee, lora, magnitude, .*spdf"
     with pytest.raises(ValueError, match=listed) as e:
         SparseFTCLI(args=[*cli_args(tiny_bert_dir, sst2_dir, tmp_path), f"--config={config}"], run=False)
     assert "\n" not in str(e.value)

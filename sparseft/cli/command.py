@@ -13,7 +13,8 @@
   model options the user left unset (:mod:`sparseft.training.resume`).
 * ``sparseft export --ckpt_path CKPT --output_dir DIR``: a plain Hugging Face model directory,
   written whole or not at all (``--overwrite true`` replaces a non-empty one);
-  ``--adapter_path FILE`` also writes an S²FT update alone (:mod:`sparseft.export.adapters`);
+  ``--adapter_path PATH`` also writes the update alone: S²FT's as a file (:mod:`sparseft.export.adapters`),
+  LoRA's as a PEFT adapter directory (:mod:`sparseft.export.peft`);
   ``--format compressed`` stores sparse weights as bitmask + values (:mod:`sparseft.export.compressed`).
 * ``sparseft strategies``: every registered strategy with its one-line description.
 * ``sparseft targets --config CFG``: a dry run listing the layers the strategy would sparsify.
@@ -48,7 +49,7 @@ from sparseft.cli.preflight import check_before_run
 from sparseft.cli.report import report_command
 from sparseft.cli.strategy_names import names_a_strategy, register_parser_mode, strategy_class_path
 from sparseft.datamodules.base import TextDataModule
-from sparseft.export.adapters import check_adapter_target, extract_adapter, save_adapter
+from sparseft.export.adapters import check_adapter_target, prepare_adapter
 from sparseft.export.compressed import WEIGHT_FORMATS
 from sparseft.export.pretrained import check_export_target, export_pretrained
 from sparseft.sparse.targets import describe_targets
@@ -201,7 +202,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--output_dir", type=str, required=True, help="directory to write the model to")
     parser.add_argument("--tokenizer", type=str, default=None, help="tokenizer to save beside it (default: the run's)")
     parser.add_argument("--adapter_path", type=str, default=None,
-                        help="also write the update alone as a structured adapter file (S²FT: indices, update, base)")
+                        help="also write the update alone: S²FT's as a structured adapter file (indices, update, "
+                             "base); LoRA's (lora, DSEE unpruned) as a PEFT adapter directory")
     parser.add_argument("--format", choices=WEIGHT_FORMATS, default="dense",
                         help="weights as a plain model.safetensors (dense) or as bitmask + non-zero values per sparse "
                              "tensor (compressed: load with trust_remote_code=True or sparseft.load_compressed)")
@@ -212,7 +214,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     if args.adapter_path:
         check_adapter_target(args.adapter_path, args.output_dir, args.overwrite)
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
-    adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
+    write_adapter = (prepare_adapter(module.model, args.adapter_path, args.output_dir, args.overwrite,
+                                     keep=[args.ckpt_path]) if args.adapter_path else None)  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path),
@@ -220,8 +223,8 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     shrink = strategy is not None and strategy.structured
     report = export_pretrained(module.model, args.output_dir, tokenizer, extra, shrink=shrink,
                                weight_format=args.format, overwrite=args.overwrite)
-    if adapter is not None:
-        save_adapter(adapter, args.adapter_path)
+    if write_adapter is not None:
+        write_adapter()
     print(
         f"exported to {args.output_dir}: target sparsity {report['target_sparsity']:.4f} over "
         f"{report['target_weights']:,} weights; linear FLOPs/token {report['linear_flops_per_token']}"

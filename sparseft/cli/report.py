@@ -28,7 +28,7 @@ from sparseft.export.compressed_modeling import WEIGHTS_FILE as COMPRESSED_WEIGH
 from sparseft.export.compressed_modeling import decode_state_dict, read_metadata
 from sparseft.export.pretrained import REPORT_FILE
 from sparseft.sparse.layers import find_linear_layers
-from sparseft.sparse.parametrize import sparse_layers
+from sparseft.sparse.parametrize import updates_into_weights_
 from sparseft.sparse.slices import restore_linear_
 from sparseft.training.checkpoint_checks import is_sharded_checkpoint
 from sparseft.training.module import SparseFTModule
@@ -74,10 +74,11 @@ def measured_pattern(weight: torch.Tensor) -> str:
 
 
 def checkpoint_layers(path: Path) -> tuple[list[LayerWeights], dict[str, Any]]:
-    """The target layers of a ``sparseft fit`` checkpoint (every linear layer without a strategy);
-    S²FT's slice layers are merged back into linear layers first, as export does."""
+    """The target layers of a ``sparseft fit`` checkpoint (every linear layer without a strategy) with their
+    effective weights: updates on the input side (LoRA) moved into the weights, S²FT's slice layers merged
+    back into linear layers first, as export does."""
     module, strategy = SparseFTModule.from_sparseft_checkpoint(path)
-    targets = {s.name for s in sparse_layers(module.model)} | set(restore_linear_(module.model))
+    targets = {s.name for s in updates_into_weights_(module.model)} | set(restore_linear_(module.model))
     every_linear = find_linear_layers(module.model)
     layers = [layer for layer in every_linear if layer.name in targets] or every_linear
     with torch.no_grad():

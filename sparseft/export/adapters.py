@@ -11,19 +11,23 @@ the same weight. An overlapping one is refused, both by the model's record of wh
 and by checking that the weights under the slice still hold the adapter's base values.
 
 Files are safetensors: ``<layer>.index``, ``<layer>.delta``, ``<layer>.base`` and the axes in
-the metadata.
+the metadata. PEFT has no S²FT, so this format is sparseft's own; LoRA-type updates are written in
+PEFT's format instead (:mod:`sparseft.export.peft`), and :func:`prepare_adapter` picks the one a
+model's update has.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparseft.export.pretrained import make_readable_
+from sparseft.export.peft import extract_peft_adapter, save_peft_adapter
+from sparseft.export.pretrained import check_export_target, make_readable_, staged_directory
 from sparseft.sparse.layers import as_out_in, is_transposed
 from sparseft.sparse.slices import sliced_layers
 
@@ -44,25 +48,50 @@ def extract_adapter(model: nn.Module) -> Adapter:
     return adapter
 
 
+def prepare_adapter(model: nn.Module, path: str | Path, output_dir: str | Path, overwrite: bool = False,
+                    keep: Iterable[str | Path] = ()) -> Callable[[], Path]:
+    """Check ``path`` for ``model``'s kind of adapter and take the update before the export merges it;
+    returns what writes it (call :func:`check_adapter_target` before loading the model).
+
+    S²FT's slice layers become this module's adapter file; low-rank updates (``lora``, DSEE unpruned)
+    a PEFT adapter directory, written whole or not at all (``keep``: paths it must not replace).
+    """
+    if sliced_layers(model):
+        if Path(path).expanduser().is_dir():
+            raise IsADirectoryError(f"--adapter_path {path} is a directory: an S²FT adapter is one file; name a "
+                                    f"file, e.g. {Path(path) / 'a.safetensors'}")
+        adapter = extract_adapter(model)
+        return lambda: save_adapter(adapter, path)
+    target = check_export_target(path, overwrite, keep=[*keep, output_dir], option="--adapter_path")
+    tensors, config = extract_peft_adapter(model)
+
+    def write() -> Path:
+        with staged_directory(target) as staging:
+            save_peft_adapter(tensors, config, staging)
+            make_readable_(staging)
+        return target
+
+    return write
+
+
 def check_adapter_target(path: str | Path, output_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse an adapter file that cannot be written, before the export writes anything: its folder
-    must exist (or be ``output_dir``, which the export creates). Checked after the model directory was
-    written, a missing folder left a complete export behind and a failed command.
+    """Refuse an adapter path that cannot be written, before the export reads or writes anything: what
+    it names must not exist (unless ``overwrite``; an empty folder is fine), and its folder must exist
+    (or be ``output_dir``, which the export creates). Checked after the model directory was written, a
+    missing folder left a complete export behind and a failed command. Whether it must be a file (S²FT)
+    or a directory (PEFT) depends on the model's update: :func:`prepare_adapter` checks that.
 
     Raises:
-        FileExistsError: the file exists and ``overwrite`` is not set.
-        IsADirectoryError: ``path`` is a directory.
+        FileExistsError: the path exists and ``overwrite`` is not set.
         NotADirectoryError: its folder is missing or is a file.
     """
     path = Path(path).expanduser()
     folder = path.resolve().parent
-    if path.is_dir():
-        raise IsADirectoryError(f"--adapter_path {path} is a directory: name a file, e.g. {path / 'a.safetensors'}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--adapter_path {path} exists: name a new file, or pass --overwrite to replace it")
+    if (path.is_file() or (path.is_dir() and any(path.iterdir()))) and not overwrite:
+        raise FileExistsError(f"--adapter_path {path} exists: name a new one, or pass --overwrite to replace it")
     if not folder.is_dir() and folder != Path(output_dir).expanduser().resolve():
         raise NotADirectoryError(f"--adapter_path {path}: its folder {folder} does not exist; create it, or name a "
-                                 "file in an existing folder or in --output_dir")
+                                 "path in an existing folder or in --output_dir")
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:

@@ -111,25 +111,27 @@ def export_pretrained(
     return report
 
 
-def check_export_target(output_dir: str | Path, overwrite: bool = False, keep: Iterable[str | Path] = ()) -> Path:
+def check_export_target(output_dir: str | Path, overwrite: bool = False, keep: Iterable[str | Path] = (),
+                        option: str = "output_dir") -> Path:
     """The resolved directory to export to, after refusing targets that would lose or mix data.
 
     Args:
         output_dir: the directory as the user named it.
         overwrite: whether a non-empty directory may be replaced.
         keep: paths that must survive (the checkpoint being exported): refused inside a replaced target.
+        option: the option that named it, for the messages (``output_dir``, ``adapter_path``).
     """
     if not str(output_dir).strip():
-        raise ValueError("output_dir is empty (it would be the current directory): name the directory to export to")
+        raise ValueError(f"{option} is empty (it would be the current directory): name the directory to export to")
     target = Path(output_dir).expanduser().resolve()
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output_dir {output_dir} is a file: name a directory to export to")
+        raise FileExistsError(f"{option} {output_dir} is a file: name a directory to export to")
     for path in (Path.cwd(), *keep):
         if Path(path).resolve().is_relative_to(target):
-            raise ValueError(f"output_dir {output_dir} holds {path}, which the export would replace: name a new "
+            raise ValueError(f"{option} {output_dir} holds {path}, which the export would replace: name a new "
                              "directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output_dir {output_dir} is not empty: choose a new directory, or pass --overwrite "
+        raise FileExistsError(f"{option} {output_dir} is not empty: choose a new directory, or pass --overwrite "
                               "to replace it")
     return target
 

@@ -1,42 +1,60 @@
 """Weight-shaped updates ΔW for ``W_eff = M ⊙ (W0 + ΔW)``: modules whose ``forward()`` returns ``[out, in]``.
 
-Any such module works as a delta. Subclassing :class:`WeightDelta` adds ``added_to(W0)``,
-which an update may override to form ``W0 + ΔW`` without a separate full-size ΔW: a low-rank
-update is then one ``addmm``. The parametrization recomputes ``W0 + ΔW`` at every forward, so
-on a CPU, where these full-size passes are not hidden behind matmuls, this is a real part of the step.
+Any such module works as a delta. Subclassing :class:`WeightDelta` adds two ways to apply it:
+
+* ``added_to(W0)``, which an update may override to form ``W0 + ΔW`` without a separate
+  full-size ΔW: a low-rank update is then one ``addmm``. The parametrization recomputes
+  ``W0 + ΔW`` at every forward where a mask applies, so on a CPU, where these full-size passes
+  are not hidden behind matmuls, this is a real part of the step;
+* ``on_input(x)``, the update's share of the output ``x·ΔWᵀ`` computed from the input, where no
+  mask applies (:class:`~sparseft.sparse.parametrize.SparseWeight` then puts it there): LoRA's
+  ``s·(x·Aᵀ)·Bᵀ`` never forms a full-size tensor, and autograd saves ``x`` and the rank-r
+  intermediate instead of the effective weight.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class WeightDelta(nn.Module):
-    """Base of the update modules: ``forward()`` returns ΔW, ``added_to(weight)`` returns ``weight + ΔW``."""
+    """Base of the update modules: ``forward()`` returns ΔW, ``added_to(weight)`` returns ``weight + ΔW``,
+    ``on_input(x)`` returns ``x·ΔWᵀ`` (by default from ΔW itself; subclasses avoid forming it)."""
 
     def added_to(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self()
+
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self())
 
 
 class LowRank(WeightDelta):
     """ΔW = scale · L · R with ``L: [out, rank]`` and ``R: [rank, in]`` (LoRA, PST's U·V).
 
     One factor starts at zero so that ΔW = 0 and training starts from the pre-trained model.
-    PST: ``L = U ~ N(0, 1)``, ``R = V = 0``, scale β. LoRA / DSEE: ``L = B = 0``,
-    ``R = A ~ N(0, 0.02²)``, scale α / r.
+    PST: ``L = U ~ N(0, 1)``, ``R = V = 0``, scale β. DSEE: ``L = B = 0``, ``R = A ~ N(0, 0.02²)``,
+    scale α / r. LoRA (PEFT's init): ``L = B = 0``, ``R = A`` kaiming-uniform (a = √5), scale α / r.
+
+    On the input side (:meth:`on_input`) it is PEFT's ``lora_B(lora_A(dropout(x))) * scaling``,
+    operation for operation: ``y += scale·(dropout(x)·Rᵀ)·Lᵀ``.
 
     Args:
         shape: ``(out_features, in_features)``.
         rank: inner dimension r.
         scale: multiplies the product.
         left_std: standard deviation of the normal init of ``L``; None for zeros.
-        right_std: standard deviation of the normal init of ``R``; None for zeros.
+        right_std: standard deviation of the normal init of ``R``; None for zeros; ``"kaiming"`` for
+            ``nn.Linear``'s own init (kaiming-uniform, a = √5: bound ``1/√in``), as LoRA and PEFT.
+        dropout: dropout probability on the input of ``R`` (LoRA's ``lora_dropout``); the input side only.
     """
 
     def __init__(
         self, shape: tuple[int, int], rank: int, scale: float = 1.0,
-        left_std: float | None = None, right_std: float | None = None,
+        left_std: float | None = None, right_std: float | str | None = None, dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -45,9 +63,14 @@ class LowRank(WeightDelta):
         self.scale = scale
         self.left = nn.Parameter(_init((out_features, rank), left_std))
         self.right = nn.Parameter(_init((rank, in_features), right_std))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self) -> torch.Tensor:
         return self.scale * (self.left @ self.right)
+
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale·(dropout(x)·Rᵀ)·Lᵀ``: two rank-r matmuls, no ``[out, in]`` tensor."""
+        return F.linear(F.linear(self.dropout(x), self.right), self.left) * self.scale
 
     def added_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + scale·L·R`` in one pass over the matrix (``addmm``)."""
@@ -63,7 +86,9 @@ def check_rank(rank: int, shape: tuple[int, int], layer: str, option: str) -> No
         )
 
 
-def _init(shape: tuple[int, int], std: float | None) -> torch.Tensor:
+def _init(shape: tuple[int, int], std: float | str | None) -> torch.Tensor:
+    if std == "kaiming":
+        return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
     return torch.zeros(shape) if std is None else torch.randn(shape) * std
 
 
@@ -94,6 +119,13 @@ class SparseResidual(WeightDelta):
         flat = self.values.new_zeros(self.shape[0] * self.shape[1])
         return flat.index_put((self.indices,), self.values).view(self.shape)
 
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``y[..., i] = Σ_{(i, j) ∈ Ω} S2[i, j]·x[..., j]``: ``x``'s columns in Ω gathered, scaled and
+        added into their rows (saves ``len(Ω)`` input columns, no ``[out, in]`` tensor)."""
+        rows, columns = self.indices // self.shape[1], self.indices % self.shape[1]
+        terms = x.index_select(-1, columns) * self.values.to(x.dtype)
+        return terms.new_zeros(*x.shape[:-1], self.shape[0]).index_add_(-1, rows, terms)
+
 
 class ScaledSum(WeightDelta):
     """ΔW = scale · Σ children's ΔW: one scale shared by several update forms.
@@ -118,6 +150,13 @@ class ScaledSum(WeightDelta):
         for part in self.parts[1:]:
             total = total + part()
         return self.scale * total
+
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale·Σ x·ΔW_partᵀ``, each part on the input side."""
+        total = on_input(x, self.parts[0])
+        for part in self.parts[1:]:
+            total = total + on_input(x, part)
+        return total * self.scale
 
 
 class RowBlocks(WeightDelta):
@@ -148,9 +187,18 @@ class RowBlocks(WeightDelta):
         chunks = weight.chunk(len(self.blocks))
         return torch.cat([add_delta(chunk, block) for block, chunk in zip(self.blocks, chunks, strict=True)])
 
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' outputs side by side: block k gives output columns k of the fused layer."""
+        return torch.cat([on_input(x, block) for block in self.blocks], dim=-1)
+
 
 def add_delta(weight: torch.Tensor, delta: nn.Module | None) -> torch.Tensor:
     """``weight + ΔW`` for any delta module (fused where it is a :class:`WeightDelta`); ``weight`` if None."""
     if delta is None:
         return weight
     return delta.added_to(weight) if isinstance(delta, WeightDelta) else weight + delta()
+
+
+def on_input(x: torch.Tensor, delta: nn.Module) -> torch.Tensor:
+    """``x·ΔWᵀ`` for any delta module (from the input where it is a :class:`WeightDelta`)."""
+    return delta.on_input(x) if isinstance(delta, WeightDelta) else F.linear(x, delta())

@@ -27,18 +27,33 @@ is inf or NaN contributes 0, not NaN.
 A mask can also be *held* in ``W0`` itself (:mod:`sparseft.sparse.inplace`): with ``W0`` kept
 exactly zero where ``M = 0``, ``M ⊙ W0 = W0`` and the forward returns the stored weight as it is,
 the plain dense forward (only a layer without ΔW and scores).
+
+**The update on the input side.** While no mask applies (``M = 1``: no mask yet, or a layer made
+with ``masked=False``, which has none at all) and there are no scores,
+``x·(W0 + ΔW)ᵀ = x·W0ᵀ + x·ΔWᵀ``: the parametrization returns ``W0`` as it is and a forward hook
+on the layer adds ``x·ΔWᵀ`` from the input (:meth:`~sparseft.sparse.deltas.WeightDelta.on_input`):
+
+    y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ        (LoRA; PEFT's forward, operation for operation)
+
+No ``W0 + B·A`` is formed and autograd saves ``x`` and the rank-r intermediate, not a full-size
+weight. The first mask set (:meth:`SparseLayer.set_mask_`, or a loaded mask that prunes) moves the
+update into the weight, ``M ⊙ (W0 + ΔW)``, for good: DSEE before its pruning is LoRA's cost,
+after it the masking forward's results as before. Meanwhile ``module.weight`` is ``W0``:
+:meth:`SparseLayer.weight` is the effective weight whichever side ΔW is on, and :func:`merge_`
+bakes ``W0 + ΔW`` in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparseft.sparse.deltas import add_delta
+from sparseft.sparse.deltas import add_delta, on_input
 from sparseft.sparse.layers import LinearLayer, as_out_in, find_linear_layers
 
 
@@ -50,6 +65,7 @@ class SparseWeight(nn.Module):
         transposed: the stored weight is ``[in, out]`` (HF ``Conv1D``).
         delta: module whose ``forward()`` returns ΔW, or None.
         score: module whose ``forward(w)`` returns scores for the straight-through mask, or None.
+        masked: False for a layer that is never masked (``M = 1`` always, LoRA): no mask buffer.
     """
 
     def __init__(
@@ -58,16 +74,19 @@ class SparseWeight(nn.Module):
         transposed: bool = False,
         delta: nn.Module | None = None,
         score: nn.Module | None = None,
+        masked: bool = True,
     ) -> None:
         super().__init__()
         self.transposed = transposed
         self.delta = delta
         self.score = score
-        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool) if masked else None)
         self.mask_from_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
         #: ``W0`` holds the mask's zeros, so ``W_eff = W0`` (:func:`sparseft.sparse.inplace.hold_` sets it;
         #: a new mask clears it). Not saved: a loaded ``W0`` holds whatever zeros it was saved with.
         self.held = False
+        #: ΔW is applied to the layer's input (``M = 1``; see the module docstring); a mask set clears it.
+        self.update_on_input = delta is not None and score is None
 
     def dense(self, stored: torch.Tensor) -> torch.Tensor:
         """``W0 + ΔW`` as ``[out, in]``, before masking."""
@@ -86,9 +105,11 @@ class SparseWeight(nn.Module):
         self.mask_from_scores = select
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        if self.held:  # W0 = M ⊙ W0 already: the dense forward and backward, nothing to mask
+        if self.held or self.update_on_input:  # W0 = M ⊙ W0 already, or ΔW applied to the input (M = 1)
             return stored
         weight = self.dense(stored)
+        if self.mask is None:
+            return as_out_in(weight, self.transposed)
         tracking = torch.is_grad_enabled()
         if self.score is None or (not tracking and self.mask_from_scores is None):  # scores only carry gradient
             return as_out_in(torch.where(self.mask, weight, 0.0), self.transposed)
@@ -102,6 +123,24 @@ class SparseWeight(nn.Module):
         else:
             masked = torch.where(self.mask, weight, 0.0)
         return as_out_in(masked, self.transposed)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """A loaded mask that prunes moves ΔW into the weight (as setting it does). An all-ones mask saved
+        for a layer that now has none (DSEE at sparsity 0 before masks became optional) is ``M = 1``: dropped."""
+        key = f"{prefix}mask"
+        if self.mask is None and key in state_dict and bool(state_dict[key].all()):
+            state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.mask is not None and not bool(self.mask.all()):
+            self.update_on_input = False
+
+
+def add_update_on_input(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of a parametrized layer: ``y + x·ΔWᵀ`` while its update is on the input side."""
+    param = module.parametrizations.weight[0]
+    if not param.update_on_input:
+        return None
+    return output + on_input(args[0], param.delta)
 
 
 class StraightThroughMask(torch.autograd.Function):
@@ -158,16 +197,32 @@ class SparseLayer:
 
     @property
     def mask(self) -> torch.Tensor:
+        """The keep-mask ``[out, in]``; all ones, built on demand, for a layer made with ``masked=False``."""
+        if self.param.mask is None:
+            return torch.ones(self.layer.shape, dtype=torch.bool, device=self.stored_weight.device)
         return self.param.mask
+
+    def weight(self) -> torch.Tensor:
+        """The effective weight ``M ⊙ (W0 + ΔW)`` as ``[out, in]``, whichever side ΔW is applied on."""
+        if self.param.update_on_input:
+            return self.dense()
+        return self.layer.weight()
 
     def set_mask_(self, keep: torch.Tensor) -> None:
         """Replace the keep-mask in place (same device, dtype bool).
 
         A held mask (:mod:`sparseft.sparse.inplace`) is released: ``W0`` holds the old mask's zeros, not
         the new one's, so the forward masks again until :func:`~sparseft.sparse.inplace.hold_` zeroes them.
+        An update on the input side moves into the weight, where the mask applies to it.
+
+        Raises:
+            ValueError: the layer was made with ``masked=False``.
         """
+        if self.param.mask is None:
+            raise ValueError(f"layer {self.name!r} has no mask (made with masked=False): it is never pruned")
         self.param.mask.copy_(keep)
         self.param.held = False
+        self.param.update_on_input = False
 
 
 def attach(
@@ -175,14 +230,19 @@ def attach(
     delta: nn.Module | None = None,
     score: nn.Module | None = None,
     freeze_base: bool = False,
+    masked: bool = True,
 ) -> SparseLayer:
-    """Register a :class:`SparseWeight` on ``layer``; optionally freeze ``W0``."""
+    """Register a :class:`SparseWeight` on ``layer`` (and, with a ΔW, the hook that applies it on the
+    input side while no mask applies); optionally freeze ``W0``."""
     module = layer.module
     if parametrize.is_parametrized(module, "weight"):
         raise ValueError(f"layer {layer.name!r} is already sparsified: two strategies cannot share a layer")
     weight = module.weight
-    param = SparseWeight(layer.shape, layer.transposed, delta, score).to(device=weight.device, dtype=weight.dtype)
+    param = SparseWeight(layer.shape, layer.transposed, delta, score, masked)
+    param.to(device=weight.device, dtype=weight.dtype)
     parametrize.register_parametrization(module, "weight", param)
+    if delta is not None:
+        module.register_forward_hook(add_update_on_input)
     if freeze_base:
         module.parametrizations.weight.original.requires_grad_(False)
     return SparseLayer(layer, param)
@@ -199,10 +259,23 @@ def sparse_layers(model: nn.Module) -> list[SparseLayer]:
     return found
 
 
-def merge_(model: nn.Module) -> int:
-    """Bake ``M ⊙ (W0 + ΔW)`` into plain weights everywhere; returns the number of layers merged."""
+def updates_into_weights_(model: nn.Module) -> list[SparseLayer]:
+    """Move every update on the input side into its weight: ``module.weight`` is ``M ⊙ (W0 + ΔW)`` again,
+    for code that reads effective weights outside the forward (reports, merging). Returns the layers."""
     layers = sparse_layers(model)
     for sparse in layers:
+        sparse.param.update_on_input = False
+    return layers
+
+
+def merge_(model: nn.Module) -> int:
+    """Bake ``M ⊙ (W0 + ΔW)`` into plain weights everywhere (an update on the input side included; its
+    hook is removed); returns the number of layers merged."""
+    layers = updates_into_weights_(model)
+    for sparse in layers:
+        module = sparse.layer.module
         with torch.no_grad():
-            parametrize.remove_parametrizations(sparse.layer.module, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for key in [key for key, hook in module._forward_hooks.items() if hook is add_update_on_input]:
+            del module._forward_hooks[key]
     return len(layers)

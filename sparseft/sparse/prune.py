@@ -90,14 +90,17 @@ def sparsify(
     make_delta: Callable[[LinearLayer], nn.Module | None] | None = None,
     make_score: Callable[[LinearLayer], nn.Module | None] | None = None,
     freeze_base: bool = False,
+    masked: bool = True,
 ) -> list[SparseLayer]:
-    """Attach ``W_eff = M ⊙ (W0 + ΔW)`` to every target layer (masks start all ones)."""
+    """Attach ``W_eff = M ⊙ (W0 + ΔW)`` to every target layer (masks start all ones; none with
+    ``masked=False``, for layers never pruned)."""
     return [
         attach(
             layer,
             delta=make_delta(layer) if make_delta else None,
             score=make_score(layer) if make_score else None,
             freeze_base=freeze_base,
+            masked=masked,
         )
         for layer in select_targets(model, targets)
     ]

@@ -80,6 +80,15 @@ def select_targets(model: nn.Module, targets: TargetSpec = None) -> list[LinearL
     return [layer for layer in candidates if layer.name in selected]
 
 
+def update_targets(model: nn.Module, targets: TargetSpec = None) -> list[LinearLayer]:
+    """The layers that get a low-rank update: ``targets``, or by default the query and value
+    projections (GPT-2: its fused ``qkv``), the LoRA paper's choice and PEFT's default."""
+    if targets is not None:
+        return select_targets(model, targets)
+    roles = {layer.role for layer in find_linear_layers(model)}
+    return select_targets(model, ["q", "v"] if {"q", "v"} <= roles else "qkv")
+
+
 def describe_targets(layers: list[LinearLayer]) -> str:
     """A table of selected layers (name, role, shape, parameters) for logs and dry runs."""
     width = max((len(layer.name) for layer in layers), default=4)

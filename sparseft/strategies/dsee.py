@@ -13,7 +13,7 @@ from torch import nn
 from sparseft.sparse.decompose import SupportMethod, sparse_support
 from sparseft.sparse.deltas import LowRank, RowBlocks, ScaledSum, SparseResidual, check_rank
 from sparseft.sparse.freezing import freeze_backbone_
-from sparseft.sparse.layers import LinearLayer, find_linear_layers
+from sparseft.sparse.layers import LinearLayer
 from sparseft.sparse.masks import keep_highest, pruned_count
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import prune_, sparsify
@@ -30,7 +30,7 @@ from sparseft.sparse.structured import (
     head_scores,
     split_qkv,
 )
-from sparseft.sparse.targets import TargetSpec, select_targets
+from sparseft.sparse.targets import TargetSpec, select_targets, update_targets
 from sparseft.strategies.base import SparsityStrategy, check_learning_rates
 from sparseft.strategies.registry import register_strategy
 
@@ -62,8 +62,11 @@ class DSEE(SparsityStrategy):
        (a LambdaLR schedule, the module's, is stretched over the remaining steps).
 
     A cubic or linear ``schedule`` prunes gradually after the restart instead (not in the paper).
-    ``num_sparse: 0`` with ``sparsity: 0`` is LoRA (the paper's baseline). Export removes pruned
-    heads and FFN channels physically.
+    ``num_sparse: 0`` with ``sparsity: 0`` is LoRA (the paper's baseline; the ``lora`` strategy is
+    standard LoRA). Until a layer's mask is first set, its ΔW is applied on the input side,
+    ``y = x·W0ᵀ + b + (α/r)·(x·Aᵀ·Bᵀ + x·S2ᵀ)`` (no ``W0 + ΔW`` formed: LoRA's cost); from then on
+    in the weight, ``M ⊙ (W0 + ΔW)``. At sparsity 0 no layer has a mask. Export removes pruned heads
+    and FFN channels physically.
 
     Runs on: ``setup`` (supports on rank 0, attach, freeze), ``on_train_start`` (re-stretch the
     LR schedule when resuming in stage 3), ``on_train_batch_start`` (prune; restart the
@@ -141,10 +144,7 @@ class DSEE(SparsityStrategy):
     # ---- plain PyTorch part ---------------------------------------------------------------
     def update_targets(self, model: nn.Module) -> list[LinearLayer]:
         """The layers that get ΔW: ``targets``, or by default q and v (GPT-2: the fused qkv)."""
-        if self.targets is not None:
-            return select_targets(model, self.targets)
-        roles = {layer.role for layer in find_linear_layers(model)}
-        return select_targets(model, ["q", "v"] if {"q", "v"} <= roles else "qkv")
+        return update_targets(model, self.targets)
 
     def check_model(self, model: nn.Module) -> None:
         """Targets and prune targets must match layers, ``rank`` must fit every update matrix, and every update
@@ -203,7 +203,9 @@ class DSEE(SparsityStrategy):
         if self._supports is None:
             self._supports = self.choose_supports(model)
         names = self._update_names | self._pruned_names(model)
-        self.layers = sparsify(model, [re.escape(name) for name in names], self.make_delta, None, True)
+        # no masks at sparsity 0 (LoRA, with S2): nothing is ever pruned
+        self.layers = sparsify(model, [re.escape(name) for name in names], self.make_delta, None, True,
+                               masked=self.final_sparsity > 0)
         freeze_backbone_(model, {id(p) for p in self.update_parameters()}, self.train_head)
         self._layout = HeadLayout.of(model) if self.pattern == "heads" else None
         self._measure()

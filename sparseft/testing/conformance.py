@@ -219,7 +219,7 @@ def check_resume(make_strategy: Callable[[], SparsityStrategy], root: Path) -> N
     fit(resumed, root / "resumed", ckpt_path=str(ckpt))
     for a, b in zip(straight.layers, resumed.layers, strict=True):
         assert torch.equal(a.mask, b.mask), a.name
-        assert torch.allclose(a.layer.weight(), b.layer.weight(), atol=1e-6), a.name
+        assert torch.allclose(a.weight(), b.weight(), atol=1e-6), a.name  # effective: M ⊙ (W0 + ΔW)
 
 
 class _FreshMaskCheck(Callback):
