@@ -202,7 +202,7 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     module, strategy = SparseFTModule.from_sparseft_checkpoint(args.ckpt_path)
     adapter = extract_adapter(module.model) if args.adapter_path else None  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
-    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer, else the run's") if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path),
              **read_training_summary(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured

@@ -16,6 +16,8 @@ module implements:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -124,6 +126,8 @@ class TextDataModule(LightningDataModule):
     #: the task's dev metric (a key of :meth:`build_metrics`' results) and whether higher is better
     dev_metric: ClassVar[str] = "accuracy"
     dev_metric_mode: ClassVar[Literal["max", "min"]] = "max"
+    #: the options that read the data from local files instead of the hub, for the error when it is unreachable
+    local_data: ClassVar[str] = "--data.data_dir, a folder of the task's original files"
 
     def __init__(
         self,
@@ -215,6 +219,17 @@ class TextDataModule(LightningDataModule):
         if self.test_split is None:
             raise ValueError(f"{type(self).__name__} has no test set to predict: set data.predict_split dev")
         return self.test_split
+
+    @contextmanager
+    def hub_dataset(self, name: str) -> Iterator[None]:
+        """Inside, ``datasets`` loads ``name`` from the hub; when it is neither cached nor reachable (no network,
+        ``HF_DATASETS_OFFLINE=1``) the error is one line that names the local alternative (:attr:`local_data`)
+        instead of a ``ConnectionError`` traceback."""
+        try:
+            yield
+        except ConnectionError as error:
+            raise FileNotFoundError(f"data: {name!r} is not in the local datasets cache and the hub cannot be "
+                                    f"reached; offline, give {self.local_data}") from error
 
     # ---- shared machinery ------------------------------------------------------------------
     @property

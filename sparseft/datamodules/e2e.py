@@ -104,6 +104,7 @@ class E2EDataModule(TextDataModule):
     prediction_file = "predictions.txt"
     predictions_per_rank = False  # one file, one line per MR in the test set's order
     dev_metric = "bleu"
+    local_data = "--data.data_dir, a folder of the original CSVs (trainset.csv, devset.csv, testset_w_refs.csv)"
 
     def __init__(
         self,
@@ -126,7 +127,8 @@ class E2EDataModule(TextDataModule):
     def load_split(self, name: str) -> datasets.Dataset:
         if self.data_dir:
             return datasets.Dataset.from_dict(read_e2e_csv(Path(self.data_dir) / FILES[name]))
-        dataset = datasets.load_dataset(HUB_DATASET, split=name)
+        with self.hub_dataset(HUB_DATASET):
+            dataset = datasets.load_dataset(HUB_DATASET, split=name)
         return dataset.rename_columns(HUB_COLUMNS).select_columns(["mr", "ref"])
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:

@@ -61,6 +61,7 @@ class GLUEDataModule(TextDataModule):
     """
 
     test_split = "predict"  # load_split's name of the unlabelled test set
+    local_data = "--data.data_dir, the task's folder of original GLUE TSVs (train.tsv, dev.tsv, test.tsv)"
 
     def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -93,7 +94,8 @@ class GLUEDataModule(TextDataModule):
             hub_split = name
             if name == "predict":
                 hub_split = "test_matched" if self.task.name == "mnli" else "test"
-            return datasets.load_dataset(HUB_DATASET, self.task.name, split=hub_split)
+            with self.hub_dataset(HUB_DATASET):
+                return datasets.load_dataset(HUB_DATASET, self.task.name, split=hub_split)
         return datasets.Dataset.from_dict(self._read_local(name))
 
     def _read_local(self, name: str) -> dict[str, list]:
