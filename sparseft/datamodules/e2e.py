@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 
-from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.base import TextDataModule, progress_bars_hidden
 from sparseft.datamodules.e2e_metrics import E2EMetric
 from sparseft.datamodules.files import utf8_lines
 
@@ -139,7 +139,8 @@ class E2EDataModule(TextDataModule):
             self._prompts(sorted(set(prepared.raw["mr"])))
             return prepared
         grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
-        encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
+        with progress_bars_hidden():
+            encoded = grouped.map(self.encode_eval, batched=True, with_indices=True)
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
 
     @property
