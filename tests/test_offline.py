@@ -30,6 +30,12 @@ def test_a_hub_backbone_offline_names_the_models_installed_from_pypi():
     assert "local_files_only" not in message and "\n" not in message
 
 
+def test_a_missing_model_directory_names_the_offline_models_too(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory") as refused:
+        load_backbone("sequence-classification", str(tmp_path / "bert"), num_labels=2)
+    assert all(name in str(refused.value) for name in OFFLINE_BACKBONES)
+
+
 def test_a_hub_tokenizer_offline_is_one_line_naming_the_option_and_the_shipped_one(tmp_path, capsys):
     config = tmp_path / "gpt2.yaml"
     config.write_text("model:\n  config: {model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}\n  tokenizer: gpt2\n"

@@ -132,7 +132,8 @@ def _check_local_path(name: str) -> None:
     if is_path and not Path(name).expanduser().exists():
         raise FileNotFoundError(
             f"model {name!r}: no such directory; give --model.backbone (or model.tokenizer / model.teacher) an "
-            "existing model directory, a hub id such as 'bert-base-uncased', or pkg:<package>/<dir>"
+            "existing model directory, a hub id such as 'bert-base-uncased', or pkg:<package>/<dir> (offline: "
+            f"{' or '.join(OFFLINE_BACKBONES)})"
         )
 
 
