@@ -3,6 +3,8 @@ name the offline alternative when a model, tokenizer or data set would come from
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sparseft.backbones import load_backbone, load_tokenizer
@@ -11,6 +13,8 @@ from sparseft.cli.command import main
 from sparseft.datamodules import GLUEDataModule, SquadDataModule
 from sparseft.testing import TINY_BPE, make_tiny_tokenizer
 from tests.conftest import shared_data
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_the_shipped_tiny_bpe_is_what_make_tiny_tokenizer_builds():
@@ -66,3 +70,24 @@ def test_squad_trains_on_the_first_dev_articles_and_evaluates_on_the_others():
         SquadDataModule(data_dir=str(folder)).load_split("train")  # only the dev file is there
     with pytest.raises(ValueError, match="leaves no article"):
         SquadDataModule(data_dir=str(folder), train_on_dev_articles=48).load_split("validation")
+
+
+@pytest.mark.integration
+def test_the_tiny_e2e_configs_cut_no_training_example():
+    """At their max_length every E2E training example (MR, reference and both EOS) fits whole in the shipped
+    tiny BPE: none loses its EOS, and E2E's warning about cut references stays silent."""
+    import yaml
+
+    from sparseft.datamodules.e2e import read_e2e_csv
+
+    rows = read_e2e_csv(shared_data("e2e", "trainset.csv"))
+    tokenizer = load_tokenizer(TINY_BPE)
+    mrs = tokenizer(rows["mr"])["input_ids"]
+    references = tokenizer([" " + reference for reference in rows["ref"]], add_special_tokens=False)["input_ids"]
+    longest = max(len(mr) + len(reference) + 2 for mr, reference in zip(mrs, references))
+    configs = sorted(CONFIGS.glob("tiny_*_e2e.yaml"))
+    assert len(configs) == 3
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        assert config["model"]["tokenizer"] == TINY_BPE
+        assert longest <= config["data"]["init_args"]["max_length"], path.name
