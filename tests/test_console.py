@@ -79,3 +79,68 @@ def test_a_max_steps_run_shows_steps_out_of_max_steps(tiny_bert_dir, tmp_path):
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert (task.completed, task.total) == (5, 5)
     assert task.description.strip() == "Training"
+
+
+def sst2_folder(tmp_path):
+    folder = tmp_path / "sst2"
+    folder.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"{text}\t{label}\n" for text, label in [("good", 1), ("bad", 0)] * 6)
+    for split in ("train", "dev"):
+        (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + body)
+    (folder / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\tgood\n" for i in range(4)))
+    return folder
+
+
+def fit_args(backbone, tmp_path, steps=4):
+    """A tiny fit whose last step validates, with the checkpoint callback the shipped configs have."""
+    return ["fit", f"--model.backbone={backbone}", "--data=GLUEDataModule", f"--data.data_dir={sst2_folder(tmp_path)}",
+            "--data.batch_size=4", f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+            "--trainer.check_val_every_n_epoch=null",
+            "--trainer.accelerator=cpu", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks=ModelCheckpoint", "--trainer.callbacks.monitor=val/accuracy",
+            "--trainer.callbacks.mode=max", f"--trainer.callbacks.dirpath={tmp_path / 'checkpoints'}"]
+
+
+def test_a_fit_ends_with_what_it_made_and_keeps_one_copy_of_a_checkpoint(tiny_bert_dir, tmp_path, capfd, caplog):
+    main(fit_args(tiny_bert_dir, tmp_path))
+    out, err = capfd.readouterr()
+    folder = tmp_path / "checkpoints"
+    best, last = folder / "epoch=1-step=4.ckpt", folder / "last.ckpt"
+    assert f"best checkpoint  {best}  (val/accuracy " in out and f"last checkpoint  {last}" in out
+    assert f"next: sparseft export --ckpt_path {best} --output_dir {tmp_path / 'export'}" in out
+    for noise in ("v_num", "Total FLOPs", "tokenizing", "Map:", "LOAD REPORT"):
+        assert noise not in out + err + caplog.text, noise
+    # the best checkpoint is of the last step: last.ckpt links to it rather than copying it
+    assert last.is_symlink() and last.resolve() == best.resolve() and not best.is_symlink()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=4.ckpt", "last.ckpt"]
+    # resuming from the link continues the run (and writes last.ckpt as a file again); export reads it
+    main([*fit_args(tiny_bert_dir, tmp_path, steps=6), f"--ckpt_path={last}", "--trainer.val_check_interval=3"])
+    assert not last.is_symlink() and best.is_file()
+    main(["export", f"--ckpt_path={best}", f"--output_dir={tmp_path / 'export'}"])
+    assert (tmp_path / "export" / "config.json").is_file()
+
+
+def test_evaluation_with_a_checkpoint_hides_the_report_of_the_head_the_backbone_lacks(tmp_path, capfd, caplog):
+    from transformers import BertModel
+
+    from sparseft.testing import make_tiny_model_dir
+
+    base = make_tiny_model_dir(tmp_path / "bert", "bert")
+    BertModel.from_pretrained(base).save_pretrained(base)  # no classifier: loading one reports it MISSING
+    main(fit_args(base, tmp_path, steps=2))
+    assert "MISSING" in "".join(capfd.readouterr()) + caplog.text  # a fit's head is new: the report is worth reading
+    caplog.clear()
+    data = sst2_folder(tmp_path / "p")
+    main(["predict", f"--model.backbone={base}", "--data=GLUEDataModule", f"--data.data_dir={data}",
+          "--trainer.accelerator=cpu", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'p'}",
+          f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    out, err = capfd.readouterr()
+    assert "predictions written to" in out and "MISSING" not in out + err + caplog.text
+
+
+def test_the_progress_bar_shows_short_names_and_no_logger_version():
+    from sparseft.cli.console import bar_metrics
+
+    shown = bar_metrics({"v_num": 0, "train/loss": 0.7, "sparsity/actual": 0.5,
+                         "val/validation_matched/accuracy": 0.8, "val/accuracy": 0.9})
+    assert shown == {"loss": 0.7, "sparsity": 0.5, "val/matched/accuracy": 0.8, "val/accuracy": 0.9}

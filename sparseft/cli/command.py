@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -33,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sparseft import __version__
-from sparseft.backbones.loading import load_tokenizer
+from sparseft.backbones.loading import load_report_hidden, load_tokenizer
 from sparseft.cli.checks import (
     BACKBONE_WEIGHTS_HELP,
     EVALUATION_COMMANDS,
@@ -141,6 +142,14 @@ class SparseFTCLI(LightningCLI):
         if taken["model"] or "sparsity" in taken:
             self.config = self.parser.parse_object({subcommand: taken}, self.config)
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's; with ``--ckpt_path`` the backbone's weights are replaced by the checkpoint's, so
+        transformers' report of the head it initialised ("classifier MISSING ... Consider training") is hidden."""
+        subcommand = self.config.get("subcommand")
+        resumed = subcommand and self.config[subcommand].get("ckpt_path") is not None
+        with load_report_hidden() if resumed else nullcontext():
+            super().instantiate_classes()
+
     def after_instantiate_classes(self) -> None:
         """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""
         if self.subcommand is not None:
@@ -217,7 +226,7 @@ def export_command(argv: list[str]) -> dict[str, Any]:
     write_adapter = (prepare_adapter(module.model, args.adapter_path, args.output_dir, args.overwrite,
                                      keep=[args.ckpt_path]) if args.adapter_path else None)  # before the merge
     tokenizer_name = args.tokenizer or module.hparams.tokenizer
-    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer, else the run's") if tokenizer_name else None
     extra = {"strategy": strategy.describe() if strategy else None, "checkpoint": str(args.ckpt_path),
              **read_training_summary(args.ckpt_path)}
     shrink = strategy is not None and strategy.structured

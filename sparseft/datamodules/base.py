@@ -16,7 +16,8 @@ module implements:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -60,6 +61,18 @@ def write_label_tsv(
     rows = ["index\tprediction"]
     rows += [f"{index}\t{format_value(value)}" for index, value in zip(indices or range(len(values)), values)]
     path.write_text("\n".join(rows) + "\n")
+
+
+@contextmanager
+def progress_bars_hidden() -> Iterator[None]:
+    """Inside, ``datasets`` shows no progress bars (its switch is global: it is restored after)."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 class EncodedOnDemand(Dataset):
@@ -125,6 +138,8 @@ class TextDataModule(LightningDataModule):
     #: the task's dev metric (a key of :meth:`build_metrics`' results) and whether higher is better
     dev_metric: ClassVar[str] = "accuracy"
     dev_metric_mode: ClassVar[Literal["max", "min"]] = "max"
+    #: the options that read the data from local files instead of the hub, for the error when it is unreachable
+    local_data: ClassVar[str] = "--data.data_dir, a folder of the task's original files"
 
     def __init__(
         self,
@@ -240,6 +255,17 @@ class TextDataModule(LightningDataModule):
         sources, file = self.predict_sources, Path(self.prediction_file)
         return [file.name] if len(sources) == 1 else [f"{file.stem}-{name}{file.suffix}" for name in sources]
 
+    @contextmanager
+    def hub_dataset(self, name: str) -> Iterator[None]:
+        """Inside, ``datasets`` loads ``name`` from the hub; when it is neither cached nor reachable (no network,
+        ``HF_DATASETS_OFFLINE=1``) the error is one line that names the local alternative (:attr:`local_data`)
+        instead of a ``ConnectionError`` traceback."""
+        try:
+            yield
+        except ConnectionError as error:
+            raise FileNotFoundError(f"data: {name!r} is not in the local datasets cache and the hub cannot be "
+                                    f"reached; offline, give {self.local_data}") from error
+
     # ---- shared machinery ------------------------------------------------------------------
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -274,7 +300,8 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"{type(self).__name__}: {name!r} has no examples; check data.data_dir and its files")
         if split == "train":
             return EncodedOnDemand(raw, self.encode)
-        encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
+        with progress_bars_hidden():  # an evaluation set takes a second or two; its bar was noise in every log
+            encoded = raw.map(self.encode, batched=True, remove_columns=raw.column_names)
         return encoded.with_format("torch")
 
     def check_room(self) -> None:

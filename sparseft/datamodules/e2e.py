@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 
-from sparseft.datamodules.base import TextDataModule
+from sparseft.datamodules.base import TextDataModule, progress_bars_hidden
 from sparseft.datamodules.e2e_metrics import E2EMetric
 from sparseft.datamodules.files import utf8_lines
 from sparseft.datamodules.prompts import PromptFormat, answer_text, make_prompt_format, special_ids
@@ -112,6 +112,7 @@ class E2EDataModule(TextDataModule):
     prediction_file = "predictions.txt"
     predictions_per_rank = False  # one file, one line per MR in the test set's order
     dev_metric = "bleu"
+    local_data = "--data.data_dir, a folder of the original CSVs (trainset.csv, devset.csv, testset_w_refs.csv)"
 
     def __init__(
         self,
@@ -137,7 +138,8 @@ class E2EDataModule(TextDataModule):
     def load_split(self, name: str) -> datasets.Dataset:
         if self.data_dir:
             return datasets.Dataset.from_dict(read_e2e_csv(Path(self.data_dir) / FILES[name]))
-        dataset = datasets.load_dataset(HUB_DATASET, split=name)
+        with self.hub_dataset(HUB_DATASET):
+            dataset = datasets.load_dataset(HUB_DATASET, split=name)
         return dataset.rename_columns(HUB_COLUMNS).select_columns(["mr", "ref"])
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
@@ -148,7 +150,8 @@ class E2EDataModule(TextDataModule):
             self._prompts(sorted(set(prepared.raw["mr"])))
             return prepared
         grouped = self._subsample(datasets.Dataset.from_dict(group_references(self.load_split(name).to_dict())), split)
-        encoded = grouped.map(self.encode_eval, batched=True, with_indices=True, desc=f"E2E {name} prompts")
+        with progress_bars_hidden():
+            encoded = grouped.map(self.encode_eval, batched=True, with_indices=True)
         return encoded.with_format("torch", columns=EVAL_COLUMNS, output_all_columns=True)
 
     @property

@@ -66,6 +66,8 @@ class GLUEDataModule(TextDataModule):
             task's original TSVs; sentence pairs are truncated jointly to ``max_length``).
     """
 
+    local_data = "--data.data_dir, the task's folder of original GLUE TSVs (train.tsv, dev.tsv, test.tsv)"
+
     def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.task: GlueTask = get_task(task)
@@ -114,7 +116,8 @@ class GLUEDataModule(TextDataModule):
     def load_split(self, name: str) -> datasets.Dataset:
         """``train``, a validation set or an unlabelled test set, by its hub split name."""
         if self.data_dir is None:
-            return datasets.load_dataset(HUB_DATASET, self.task.name, split=name)
+            with self.hub_dataset(HUB_DATASET):
+                return datasets.load_dataset(HUB_DATASET, self.task.name, split=name)
         return datasets.Dataset.from_dict(self._read_local(name))
 
     def _read_local(self, name: str) -> dict[str, list]:

@@ -18,8 +18,9 @@ HUB_DATASETS = {False: "rajpurkar/squad", True: "rajpurkar/squad_v2"}
 FILES = {False: ("train-v1.1.json", "dev-v1.1.json"), True: ("train-v2.0.json", "dev-v2.0.json")}
 
 
-def read_squad_json(path: Path) -> dict[str, list]:
-    """Flatten an official SQuAD JSON file into one row per question (hub column names).
+def read_squad_json(path: Path, articles: slice = slice(None)) -> dict[str, list]:
+    """Flatten an official SQuAD JSON file (its ``articles``, by default all) into one row per question
+    (hub column names).
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -29,11 +30,11 @@ def read_squad_json(path: Path) -> dict[str, list]:
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD: no file {path}")
     try:
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        chosen = json.loads(path.read_text(encoding="utf-8"))["data"][articles]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a SQuAD JSON file with a top-level 'data' list ({error})") from None
     rows: dict[str, list] = {"id": [], "title": [], "context": [], "question": [], "answers": []}
-    for a, article in enumerate(articles):
+    for a, article in enumerate(chosen, start=articles.start or 0):  # a: the index in the file, for messages
         for p, paragraph in enumerate(article.get("paragraphs", [])):
             for q, qa in enumerate(paragraph.get("qas", [])):
                 where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id', '?')!r})"
@@ -81,12 +82,16 @@ class SquadDataModule(TextDataModule):
 
     ``data_dir`` holds the official files (``train-v1.1.json``, ``dev-v1.1.json`` or the v2.0
     names); ``train_file`` / ``eval_file`` name other files in the same format. Without either,
-    the data comes from the hub (``rajpurkar/squad`` / ``rajpurkar/squad_v2``).
+    the data comes from the hub (``rajpurkar/squad`` / ``rajpurkar/squad_v2``). Where only the dev
+    file is at hand (an offline copy: the training file is 30 MB), ``train_on_dev_articles`` splits
+    it by article, so that no question is trained on and evaluated both.
 
     Args:
         version_2: SQuAD v2.0 (with unanswerable questions) instead of v1.1.
         train_file: training JSON, overriding ``data_dir``'s.
         eval_file: evaluation JSON, overriding ``data_dir``'s.
+        train_on_dev_articles: train on the dev file's first this many articles and evaluate on the
+            others; no training file is read. None: the training file (or split) trains.
         doc_stride: overlap, in tokens, between consecutive windows of a long context.
         n_best: start and end candidates per window in post-processing.
         max_answer_length: longest answer, in tokens.
@@ -99,12 +104,14 @@ class SquadDataModule(TextDataModule):
     prediction_file = "predictions.json"
     predictions_per_rank = False  # a question's windows may land on different processes
     dev_metric = "f1"
+    local_data = "--data.data_dir, a folder of the official JSON files (train-v1.1.json, dev-v1.1.json)"
 
     def __init__(
         self,
         version_2: bool = False,
         train_file: str | None = None,
         eval_file: str | None = None,
+        train_on_dev_articles: int | None = None,
         doc_stride: int = 128,
         n_best: int = 20,
         max_answer_length: int = 30,
@@ -114,7 +121,10 @@ class SquadDataModule(TextDataModule):
         kwargs.setdefault("max_length", 384)
         super().__init__(**kwargs)
         self.version_2, self.doc_stride = version_2, doc_stride
+        if train_on_dev_articles is not None and train_on_dev_articles < 1:
+            raise ValueError(f"data.train_on_dev_articles {train_on_dev_articles}: give at least 1 article, or null")
         self.train_file, self.eval_file = train_file, eval_file
+        self.train_on_dev_articles = train_on_dev_articles
         self.n_best, self.max_answer_length, self.null_threshold = n_best, max_answer_length, null_threshold
         self.eval_examples: dict[str, list] = {}
         self.eval_features: list[FeatureSpan] = []
@@ -132,10 +142,29 @@ class SquadDataModule(TextDataModule):
         return None
 
     def load_split(self, name: str) -> datasets.Dataset:
+        if self.train_on_dev_articles is not None:
+            return datasets.Dataset.from_dict(self._dev_articles(name))
         path = self._file(name)
         if path is not None:
+            if name == "train" and not path.is_file() and not self.train_file:  # data_dir without the training file
+                raise FileNotFoundError(f"SQuAD: no training file {path}; to train on part of the dev file instead, "
+                                        "set --data.train_on_dev_articles (e.g. 40 of the 48 of dev-v1.1.json)")
             return datasets.Dataset.from_dict(read_squad_json(path))
-        return datasets.load_dataset(HUB_DATASETS[self.version_2], split="train" if name == "train" else "validation")
+        with self.hub_dataset(HUB_DATASETS[self.version_2]):
+            return datasets.load_dataset(HUB_DATASETS[self.version_2],
+                                         split="train" if name == "train" else "validation")
+
+    def _dev_articles(self, name: str) -> dict[str, list]:
+        """The rows of the dev file's first ``train_on_dev_articles`` articles (``train``) or of the others."""
+        path = self._file("validation")
+        if path is None:
+            raise ValueError("SQuAD: data.train_on_dev_articles splits the dev file: give --data.data_dir or "
+                             "--data.eval_file")
+        first = self.train_on_dev_articles
+        rows = read_squad_json(path, slice(None, first) if name == "train" else slice(first, None))
+        if not rows["id"]:
+            raise ValueError(f"SQuAD: data.train_on_dev_articles {first} leaves no article of {path} to evaluate on")
+        return rows
 
     def _prepare(self, name: str, split: str) -> datasets.Dataset:
         raw = self._subsample(self.load_split(name), split)

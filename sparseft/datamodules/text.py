@@ -157,6 +157,7 @@ class RawTextDataModule(TextDataModule):
 
     task_type = "causal-lm"
     dev_metric, dev_metric_mode = "perplexity", "min"
+    local_data = "--data.train_files, local .txt / .jsonl / .tsv files (relative to --data.data_dir)"
 
     def __init__(
         self,
@@ -215,10 +216,11 @@ class RawTextDataModule(TextDataModule):
         return datasets.Dataset.from_dict({"text": documents})
 
     def _hub_documents(self, name: str) -> list[str]:
-        splits = datasets.get_dataset_split_names(self.dataset, self.dataset_config)
-        if name in splits:
-            return self._hub_text(name)
-        return self._held_out(self._hub_text("train"), name)
+        with self.hub_dataset(self.dataset):
+            splits = datasets.get_dataset_split_names(self.dataset, self.dataset_config)
+            if name in splits:
+                return self._hub_text(name)
+            return self._held_out(self._hub_text("train"), name)
 
     def _hub_text(self, split: str) -> list[str]:
         loaded = datasets.load_dataset(self.dataset, self.dataset_config, split=split)

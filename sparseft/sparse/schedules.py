@@ -125,6 +125,24 @@ class SparsitySchedule:
             )
         return start, end
 
+    def fewest_steps_with_lr_warmup(self, warmup_ratio: float, limit: int = 10_000) -> int | None:
+        """The fewest optimizer steps ``T`` whose learning-rate warm-up ``int(warmup_ratio · T)`` (the
+        module's rounding) is at least one step and leaves the window room to prune in, for warm-ups
+        counted in LR warm-ups; None when no ``T`` below ``limit`` does (``warmup_ratio`` 0, or warm-ups
+        that together take all of training). A short run's error names it as the fix."""
+        if warmup_ratio <= 0:
+            return None
+        for total in range(max(1, math.floor(1 / warmup_ratio)), limit):
+            lr_warmup_steps = int(warmup_ratio * total)
+            if lr_warmup_steps < 1:
+                continue
+            try:
+                self.window(total, lr_warmup_steps)
+            except ValueError:
+                continue
+            return total
+        return None
+
     def raw_progress(self, step: int, total_steps: int, lr_warmup_steps: int = 0) -> float | None:
         """How far along the window ``step`` is, unshaped: None before it starts, then 0 to 1."""
         if self.kind == "constant":

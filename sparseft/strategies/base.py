@@ -325,11 +325,7 @@ class SparsityStrategy(Callback):
         self.total_steps = total
         self.lr_warmup_steps = int(getattr(pl_module, "warmup_steps", 0))
         if self.schedule.warmup_unit == "lr_warmup" and self.schedule.kind != "constant" and not self.lr_warmup_steps:
-            raise ValueError(
-                "the sparsity schedule counts its warm-ups in learning-rate warm-ups (warmup_unit: lr_warmup), but "
-                "this run has none, so pruning would start at step 0: set --model.warmup_ratio (e.g. 0.06) or "
-                "give the schedule warmup_unit: fraction"
-            )
+            raise ValueError(self._no_lr_warmup(float(pl_module.hparams.get("warmup_ratio", 0.0)), total))
         if self.schedule.kind != "constant":
             self.schedule.window(total, self.lr_warmup_steps)  # fail now, not silently mid-run
         trainable, all_params = count_parameters(pl_module)
@@ -344,6 +340,17 @@ class SparsityStrategy(Callback):
         any gathering of sharded layers."""
         if self.holds_masks_in_place and self.layers:
             hold_(self.layers, self._optimizers)
+
+    def _no_lr_warmup(self, warmup_ratio: float, total: int) -> str:
+        """Why a schedule counted in learning-rate warm-ups cannot run: the warm-up rounds to 0 steps (a short
+        run) or there is none; and a fix that works (:meth:`SparsitySchedule.fewest_steps_with_lr_warmup`)."""
+        cause = (f"int(warmup_ratio × optimizer steps) = int({warmup_ratio:g} × {total}) = 0 warm-up steps"
+                 if warmup_ratio > 0 else "--model.warmup_ratio is 0 (no warm-up)")
+        fewest = self.schedule.fewest_steps_with_lr_warmup(warmup_ratio)
+        fix = f"train at least {fewest} optimizer steps (--trainer.max_steps {fewest}), or " if fewest else ""
+        return (f"the sparsity schedule counts its warm-ups in learning-rate warm-ups (warmup_unit: lr_warmup), and "
+                f"{cause}, so pruning would start at step 0: {fix}set --model.warmup_ratio so that it rounds to at "
+                "least one step, or count the warm-ups in steps or fractions (--sparsity.schedule.warmup_unit)")
 
     def target_sparsity(self, step: int) -> float:
         """The scheduled sparsity; the last step always has the final one, so it is checkpointed."""

@@ -21,6 +21,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy
 from transformers import PreTrainedTokenizerFast
 
+# TINY_BPE: the byte-level BPE of make_tiny_tokenizer("bpe"), shipped as files inside the package so that configs
+# name it (model.tokenizer: pkg:sparseft/testing/tiny-bpe) with no set-up step and no hub; a test checks it is
+# what make_tiny_tokenizer builds
+from sparseft.backbones.loading import TINY_BPE as TINY_BPE
 from sparseft.backbones.loading import build_config, load_backbone
 from sparseft.datamodules.order import TrainingOrder
 from sparseft.sparse.parametrize import sparse_layers

@@ -8,7 +8,10 @@
   ``ModelCheckpoint(every_n_train_steps=7)`` a 30-step fit's ``last.ckpt`` was step 28, and
   ``export`` of it exported step 28. And a resume from a checkpoint that did not record
   ``last.ckpt`` as its own (a top-k or a manual one) wrote ``last-v1.ckpt`` beside a stale
-  ``last.ckpt``, so ``--ckpt_path last.ckpt`` silently lost steps.
+  ``last.ckpt``, so ``--ckpt_path last.ckpt`` silently lost steps. And where the best checkpoint is of
+  the final step too, ``last.ckpt`` becomes a link to it: two copies of the same state (283 MB each for
+  MiniLM) are one file. A resumed run replaces the link by a file when it saves (:class:`SideBySideCheckpointIO`
+  renames over the link, not through it).
 * :class:`SideBySideCheckpointIO`: Lightning writes a checkpoint through an fsspec transaction,
   whose local files are staged with ``tempfile.mkstemp()`` in the system temporary directory;
   a kill mid-write leaves that partial file behind (hundreds of MB for a real model), and on
@@ -53,7 +56,8 @@ class LastIsNewest(Callback):
     as ``last-v1.ckpt``) when a resumed run saves (see the module docstring).
 
     Runs on: ``on_train_start`` (a resumed run takes over the existing ``last.ckpt``) and
-    ``on_train_end`` (saves the final state where no save happened at the last step).
+    ``on_train_end`` (saves the final state where no save happened at the last step, or links it to the best
+    checkpoint when that one is of the last step).
     """
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -69,6 +73,31 @@ class LastIsNewest(Callback):
         for checkpoint in _last_savers(trainer):
             if checkpoint._last_global_step_saved != trainer.global_step:
                 checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            if trainer.is_global_zero:
+                link_if_same_step(checkpoint.last_model_path, checkpoint.best_model_path)
+        trainer.strategy.barrier()
+
+
+def link_if_same_step(last: str, best: str) -> bool:
+    """Replace the file ``last`` by a relative symbolic link to ``best`` when both are checkpoint files of the
+    same optimizer step (read from their metadata; the weights are memory-mapped, not read). Whether it did."""
+    last_path, best_path = Path(last or ""), Path(best or "")
+    if not (last and best and last_path.is_file() and best_path.is_file()) or last_path.is_symlink():
+        return False
+    if last_path.resolve() == best_path.resolve() or _global_step(last_path) != _global_step(best_path):
+        return False
+    staged = last_path.with_name(f".{last_path.name}.link")
+    staged.unlink(missing_ok=True)
+    try:
+        staged.symlink_to(os.path.relpath(best_path, last_path.parent))
+    except OSError:  # no symbolic links here (Windows without the privilege): keep the copy
+        return False
+    os.replace(staged, last_path)  # atomically: last.ckpt is a whole file or the link, never absent
+    return True
+
+
+def _global_step(path: Path) -> int | None:
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
 
 
 def _last_savers(trainer: Trainer) -> list[ModelCheckpoint]:
