@@ -143,3 +143,18 @@ def test_strategy_switched_on_the_command_line_starts_from_its_own_defaults(tiny
     assert type(switched) is DSEE and switched.rank == 4
     assert switched.schedule == defaults.schedule and switched.schedule.kind == "one_shot"  # not the cubic one
     assert switched.final_sparsity == defaults.final_sparsity != 0.7
+
+
+@pytest.mark.parametrize(("precision", "clip", "fused"), [("32-true", 1.0, True), ("bf16-mixed", None, True),
+                                                          ("bf16-mixed", 1.0, False)])
+def test_the_default_adamw_is_fused_unless_clipping_under_autocast(tmp_path, precision, clip, fused):
+    """Lightning's mixed-precision plugin refuses to clip gradients for an optimizer that unscales them
+    itself (the fused AdamW): such a run trains with the foreach AdamW instead of dying at its first step."""
+    torch.manual_seed(0)
+    module = SparseFTModule(config=tiny_config("bert"), num_labels=2)
+    trainer = Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, SyntheticClassificationData(size=16))
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is fused

@@ -86,7 +86,7 @@ def test_the_tiny_e2e_configs_cut_no_training_example():
     references = tokenizer([" " + reference for reference in rows["ref"]], add_special_tokens=False)["input_ids"]
     longest = max(len(mr) + len(reference) + 2 for mr, reference in zip(mrs, references))
     configs = sorted(CONFIGS.glob("tiny_*_e2e.yaml"))
-    assert len(configs) == 3
+    assert len(configs) == 4
     for path in configs:
         config = yaml.safe_load(path.read_text())
         assert config["model"]["tokenizer"] == TINY_BPE

@@ -25,7 +25,7 @@ from sparseft.strategies.registry import build_strategy
 from sparseft.training.callbacks import PendingValidation, RandomState
 from sparseft.training.checkpoint_checks import read_checkpoint, state_mismatch
 from sparseft.training.distillation import distillation_loss
-from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options
+from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options, clips_under_autocast
 from sparseft.training.resume import check_checkpoint_strategies
 from sparseft.training.run_summary import RUN_KEY, choose_dev_metric, describe_data
 from sparseft.training.sharding import data_parallel_mesh, shard_backbone_
@@ -250,7 +250,8 @@ class SparseFTModule(LightningModule):
         built-in schedule or ``lr_scheduler`` (see :mod:`sparseft.training.optim`)."""
         hparams = self.hparams
         optimizer = build_optimizer(self.param_groups(), hparams.learning_rate, self._optimizer_factory,
-                                    hparams.get("adam_epsilon"), hparams.get("adam_betas"))
+                                    hparams.get("adam_epsilon"), hparams.get("adam_betas"),
+                                    fuse=not clips_under_autocast(self.trainer))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps = int(hparams.warmup_ratio * total)
         scheduler = build_lr_scheduler(optimizer, total, warmup, self._lr_scheduler_factory,
