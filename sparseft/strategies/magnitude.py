@@ -37,6 +37,7 @@ class Magnitude(SparsityStrategy):
     """
 
     holds_masks_in_place = True
+    attaches_to_empty_weights = True  # masks start all-ones; the first is chosen at the first step
 
     def layer_scores(self, layer: SparseLayer) -> torch.Tensor:
         return layer.dense().abs() * layer.mask

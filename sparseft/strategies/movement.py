@@ -112,6 +112,7 @@ class Movement(SparsityStrategy):
     masks_follow_scores = True
     pruned_count_rule = "keep_floor"
     gathers_what_it_reads = True  # one layer's scores at a time (a global top-k keeps them all)
+    attaches_to_empty_weights = True  # scores start from their init, not from the weights
 
     def make_score(self, layer: LinearLayer) -> nn.Module:
         return LearnedScores(layer.shape, self.score_init, self.score_init_scale)

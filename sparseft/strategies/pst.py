@@ -72,6 +72,7 @@ class PST(SparsityStrategy):
     masks_from_forward_scores = True
     masks_follow_scores = True
     pruned_count_rule = "floor"
+    attaches_to_empty_weights = True  # factors drawn at random; importance computed in the forward
 
     def __init__(
         self,

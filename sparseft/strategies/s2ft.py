@@ -190,6 +190,7 @@ class S2FT(SparsityStrategy):
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_weights_present(pl_module.model)
         if not self.layers and self._plan is None:
             plan = self._calibrated_plan(trainer, pl_module) if trainer.is_global_zero else None
             self._plan = trainer.strategy.broadcast(plan, src=0)

@@ -158,6 +158,7 @@ class SPDF(SparsityStrategy):
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_weights_present(pl_module.model)
         if self.checkpoint and not self._loaded:
             self._load_checkpoint(pl_module)
         if self.phase == "dense":

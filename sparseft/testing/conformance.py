@@ -39,6 +39,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import save_model
 from torch import nn
 
 from sparseft.cli.strategy_names import register_parser_mode
@@ -93,10 +94,12 @@ def tiny_module(model_type: str = "bert") -> SparseFTModule:
 
 
 def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_path: str | None = None,
-        trainer_strategy: str = "auto", model_type: str = "bert", **trainer_kwargs: Any
-        ) -> tuple[Trainer, SparseFTModule]:
+        trainer_strategy: str = "auto", model_type: str = "bert", sharded_loading: bool = False,
+        **trainer_kwargs: Any) -> tuple[Trainer, SparseFTModule]:
     """Train :func:`tiny_module` with ``strategy`` on 32 synthetic examples (4 batches per epoch, over all
-    processes), under Lightning's ``trainer_strategy``."""
+    processes), under Lightning's ``trainer_strategy``. ``sharded_loading``: the same weights, saved as a model
+    directory and loaded by the module built inside ``trainer.init_module(empty_init=True)`` (under ``fsdp2``,
+    each process reads its own shards)."""
     module = tiny_module(model_type)
     trainer = Trainer(
         max_steps=max_steps, accelerator=trainer_kwargs.pop("accelerator", "cpu"),
@@ -106,6 +109,13 @@ def fit(strategy: SparsityStrategy, root: Path, max_steps: int = STEPS, ckpt_pat
         limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0), enable_checkpointing=False,
         callbacks=[strategy, *trainer_kwargs.pop("callbacks", [])], strategy=trainer_strategy, **trainer_kwargs,
     )
+    if sharded_loading:
+        # every process writes its own (save_pretrained writes on rank 0 only once a process group exists)
+        saved = root / f"backbone-{os.getpid()}"
+        module.model.config.save_pretrained(saved)
+        save_model(module.model, str(saved / "model.safetensors"))
+        with trainer.init_module(empty_init=True):
+            module = SparseFTModule(backbone=str(saved), num_labels=2, learning_rate=1e-3)
     trainer.fit(module, SyntheticClassificationData(size=32), ckpt_path=ckpt_path)
     return trainer, module
 
@@ -347,14 +357,21 @@ def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, mo
     """In each of 2 processes: :func:`fit` under DDP, then under FSDP2, the strategy built afresh from
     ``init_args`` each time; each rank saves both models' whole state to ``root`` (runs ``ddp`` and
     ``fsdp2``). ``callbacks(strategy, trainer_strategy)`` adds callbacks to a run (checks, checkpoints).
-    Run it as a script (Lightning starts the second process by running the script again)."""
+    Run it as a script (Lightning starts the second process by running the script again). A strategy that
+    attaches to a backbone without weights also runs under FSDP2 with sharded loading (run ``fsdp2-loaded``)."""
     module_name, _, class_name = class_path.rpartition(".")
     strategy_class = getattr(importlib.import_module(module_name), class_name)
-    for trainer_strategy in ("ddp", "fsdp2"):
+    for run in fsdp2_runs(strategy_class):
+        trainer_strategy = run.split("-")[0]
         strategy = build_from_config(strategy_class, init_args)
         extra = callbacks(strategy, trainer_strategy) if callbacks else []
-        fit_and_save_state(strategy, Path(root), trainer_strategy, trainer_strategy, callbacks=extra,
-                           model_type=model_type)
+        fit_and_save_state(strategy, Path(root), run, trainer_strategy, callbacks=extra, model_type=model_type,
+                           sharded_loading=run.endswith("loaded"))
+
+
+def fsdp2_runs(strategy_class: type[SparsityStrategy]) -> tuple[str, ...]:
+    """The runs :func:`fsdp2_and_ddp_runs` makes: DDP, FSDP2, and FSDP2 with sharded loading where it applies."""
+    return ("ddp", "fsdp2", "fsdp2-loaded") if strategy_class.attaches_to_empty_weights else ("ddp", "fsdp2")
 
 
 def assert_states_match(reference: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -374,7 +391,9 @@ def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any
                 model_type: str = "bert") -> None:
     """Under FSDP2 (2 CPU processes, gloo) the strategy gives the masks of the same run under DDP, bit for
     bit on both ranks, and weights within :data:`FSDP2_WEIGHT_TOLERANCE`, on a tiny ``model_type``
-    backbone; settings that :meth:`~SparsityStrategy.fsdp2_refusal` refuses are skipped (refused at start)."""
+    backbone; settings that :meth:`~SparsityStrategy.fsdp2_refusal` refuses are skipped (refused at start). A
+    strategy that sets ``attaches_to_empty_weights`` gives them too with sharded loading (each process reading
+    its own rows of the backbone's weights)."""
     if build_from_config(strategy_class, init_args).fsdp2_refusal():
         pytest.skip("these settings are refused under FSDP2 (fsdp2_refusal)")
     script = root / "fsdp2_and_ddp.py"
@@ -383,7 +402,7 @@ def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any
     result = subprocess.run([sys.executable, str(script), _class_path(strategy_class), json.dumps(init_args),
                              str(root), model_type], env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    runs = ("ddp-rank1", "fsdp2-rank0", "fsdp2-rank1")
+    runs = [f"{run}-rank{rank}" for run in fsdp2_runs(strategy_class) for rank in (0, 1)][1:]
     assert_states_match(torch.load(root / "ddp-rank0.pt"), {run: torch.load(root / f"{run}.pt") for run in runs})
 
 

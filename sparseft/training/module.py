@@ -15,10 +15,12 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 
-from sparseft.backbones.loading import Task, load_backbone
+from sparseft.backbones.empty import has_meta_parameters
+from sparseft.backbones.loading import Task, backbone_directory, load_backbone
 from sparseft.datamodules.base import class_predictions, classification_metric_inputs
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
 from sparseft.strategies.registry import build_strategy
@@ -28,7 +30,12 @@ from sparseft.training.distillation import distillation_loss
 from sparseft.training.optim import build_lr_scheduler, build_optimizer, check_options, clips_under_autocast
 from sparseft.training.resume import check_checkpoint_strategies
 from sparseft.training.run_summary import RUN_KEY, choose_dev_metric, describe_data
-from sparseft.training.sharding import data_parallel_mesh, shard_backbone_
+from sparseft.training.sharding import (
+    data_parallel_mesh,
+    load_weights_,
+    shard_backbone_,
+    sharded_loading_requested,
+)
 from sparseft.training.tensorboard import TensorBoardSummary
 
 HF_CONFIG_KEY = "sparseft_hf_config"
@@ -96,11 +103,16 @@ class SparseFTModule(LightningModule):
                       learning_rate=learning_rate)
         self.save_hyperparameters()
         self._optimizer_factory, self._lr_scheduler_factory = optimizer, lr_scheduler
-        # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
-        self.model = load_backbone(task, backbone, config, num_labels).train()
+        # inside sparseft.training.sharding.sharded_loading, or Lightning's init_module(empty_init=True): the
+        # backbone without its weights, each process reading its own shards in configure_model
+        self._weights_to_read = backbone if backbone is not None and sharded_loading_requested() else None
+        with torch.device("cpu"):  # also inside a meta-device context: what is built here is real unless empty
+            # from_pretrained returns eval mode; Lightning keeps the mode it finds, so train() here
+            self.model = load_backbone(task, backbone, config, num_labels,
+                                       empty=self._weights_to_read is not None).train()
+            # a plain attribute, not a submodule: never trained, checkpointed or handed to DDP
+            self.__dict__["teacher"] = load_backbone(task, teacher, None, num_labels).eval() if teacher else None
         self.metric_sets = nn.ModuleDict()
-        # a plain attribute, not a submodule: never trained, checkpointed or handed to DDP
-        self.__dict__["teacher"] = load_backbone(task, teacher, None, num_labels).eval() if teacher else None
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
         self._metric_inputs: Callable[..., tuple[Any, ...] | None] | None = None
@@ -235,15 +247,28 @@ class SparseFTModule(LightningModule):
         ]
         return [group for group in groups if group["params"]]
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SparseFTModule:
+        """As torch's, except that a tensor still on the meta device (a weight sharded loading has not read yet)
+        stays there: it has nothing to move, and Lightning's teardown after an error in ``setup`` moves the
+        module to the CPU, which would otherwise hide that error behind "Cannot copy out of meta tensor"."""
+        return super()._apply(lambda tensor: tensor if tensor.is_meta else fn(tensor), recurse)
+
     def configure_model(self) -> None:
         """Under ``--trainer.strategy fsdp2`` (a ``ModelParallelStrategy``), shard each transformer block and
         the backbone with FSDP2 (:mod:`sparseft.training.sharding`); under any other strategy, nothing.
 
         Lightning calls it after the callbacks' ``setup``, so the sparsity strategies' tensors are
-        already attached and are sharded with the blocks they belong to.
+        already attached and are sharded with the blocks they belong to. A backbone built without its
+        weights (sharded loading) then reads them: each process its own shards, or the whole tensors
+        under a strategy that does not shard.
         """
         if self._device_mesh is not None:
             shard_backbone_(self.model, data_parallel_mesh(self._device_mesh))
+        if self._weights_to_read is not None and has_meta_parameters(self.model):
+            new = load_weights_(self.model, backbone_directory(self._weights_to_read))
+            if new:
+                rank_zero_info(f"sparseft: not in the checkpoint, initialised: {', '.join(new)}")
+            self._weights_to_read = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer (AdamW or ``optimizer``) over :meth:`param_groups`, stepped every step by the

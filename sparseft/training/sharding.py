@@ -11,11 +11,27 @@ Sparsity strategies attach in ``setup``, before ``configure_model``, so their ma
 sharded: every rank holds them whole), scores, low-rank factors and slices are sharded with the
 blocks they belong to. What they compute outside the forward gathers one layer's tensors at a
 time (:mod:`sparseft.sparse.sharding`).
+
+**Sharded loading.** A module built inside :func:`sharded_loading` (the CLI does so under ``fsdp2``
+when the strategy allows it) or inside Lightning's ``trainer.init_module(empty_init=True)`` has its
+backbone's parameters on the meta device (:mod:`sparseft.backbones.empty`); the strategy attaches
+to shapes, ``fully_shard`` splits the shapes, and :func:`load_weights_` then gives each process
+storage for its own rows and reads just those from the checkpoint. Per process, the backbone costs
+its share of the weights plus one tensor being read, not the whole model. The strategy's own
+tensors (masks, ΔW, scores) are built whole in every process before sharding, as without sharded
+loading: a strategy whose tensors are as large as the weights (movement's scores) still holds them
+whole until ``fully_shard``. A strategy that reads the weights when it attaches (DSEE's supports,
+S²FT's slices, SPDF's masks) sets ``attaches_to_empty_weights = False`` and the CLI loads the whole
+backbone in every process for it, as before.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +40,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from sparseft.backbones.empty import CheckpointTensors
+
 FSDP2_NAME = "fsdp2"
+_SHARDED_LOADING: ContextVar[bool] = ContextVar("sparseft_sharded_loading", default=False)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -74,6 +96,8 @@ def broadcast_from_first_rank_(model: nn.Module, mesh: DeviceMesh) -> None:
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_meta:  # read from the checkpoint by every rank (load_weights_)
+                continue
             staged = tensor.detach().to(device or tensor.device)
             dist.broadcast(staged, src=dist.get_global_rank(group, 0), group=group)
             tensor.copy_(staged)
@@ -108,3 +132,108 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
             "sparseft shards with FSDP2 only; use --trainer.strategy fsdp2"
         )
     return mesh["data_parallel"] if mesh.ndim > 1 else mesh
+
+
+@contextmanager
+def sharded_loading() -> Iterator[None]:
+    """A :class:`~sparseft.training.module.SparseFTModule` made inside builds its backbone without weights, to be
+    read shard by shard in ``configure_model`` (:func:`load_weights_`)."""
+    token = _SHARDED_LOADING.set(True)
+    try:
+        yield
+    finally:
+        _SHARDED_LOADING.reset(token)
+
+
+def sharded_loading_requested() -> bool:
+    """Inside :func:`sharded_loading`, or inside a meta-device context (Lightning's
+    ``trainer.init_module(empty_init=True)`` under ``fsdp2``)."""
+    return _SHARDED_LOADING.get() or torch.get_default_device().type == "meta"
+
+
+@torch.no_grad()
+def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
+    """Give every meta parameter of ``model`` storage and read its values from the checkpoint in ``directory``:
+    a parameter sharded by FSDP2 only its local rows, any other one whole. Every process reads the same
+    file, so every rank holds the same values with no communication.
+
+    A parameter the checkpoint lacks, or stores in another shape (a new task head), is initialised as
+    Hugging Face initialises a new ``Linear`` (normal with ``initializer_range``, zero bias; ones for a
+    norm's 1-D weight), drawn whole from a generator seeded alike on every rank, so every rank
+    agrees. Returns those parameters' names.
+    """
+    empty = _materialize_(model)
+    missing = []
+    aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names (embeddings and LM head)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    prefix = getattr(model, "base_model_prefix", "")
+    with CheckpointTensors(directory) as checkpoint:
+        for name, parameter in model.named_parameters():
+            if name not in empty:  # the strategy's ΔW and scores: kept as they were
+                continue
+            local = _local(parameter)
+            index = _local_index(parameter)
+            keys = sorted({checkpoint.key_of(alias, prefix) for alias in aliases[id(parameter)]} - {None})
+            if len(keys) > 1 and not _all_equal(checkpoint, keys):  # from_pretrained unties them then
+                raise ValueError(
+                    f"{directory} stores {' and '.join(keys)} with different values, which the model's config ties "
+                    "into one parameter: set tie_word_embeddings to false in its config.json, or load the whole backbone "
+                    "(build the module outside sharded loading)"
+                )
+            key = keys[0] if keys else None
+            if key is not None and checkpoint.shape(key) == tuple(parameter.shape):
+                if local.numel():
+                    local.copy_(checkpoint.read(key, index))
+                continue
+            missing.append(name)
+            local.copy_(_new_parameter(name, tuple(parameter.shape), model.config)[index])
+    return missing
+
+
+def _materialize_(model: nn.Module) -> set[str]:
+    """Storage for every meta tensor of ``model``, keeping every other tensor's values; returns the names of
+    those that were meta (their values still to be read). ``to_empty`` is the call FSDP2 supports for this (it
+    re-registers its shards); it empties every tensor, so the real ones (the strategy's, buffers) are kept
+    aside, each process its own shards of them, and put back."""
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    kept = {name: _local(tensor).clone() for name, tensor in tensors.items() if not _local(tensor).is_meta}
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # keeps each Parameter object: tied weights stay tied
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name in kept:
+            _local(tensor).copy_(kept[name])
+    return set(tensors) - set(kept)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _all_equal(checkpoint: CheckpointTensors, keys: list[str]) -> bool:
+    """Whether the stored tensors ``keys`` hold the same values (each read whole, one at a time)."""
+    first = checkpoint.read(keys[0], ())
+    return all(torch.equal(checkpoint.read(key, ()), first) for key in keys[1:])
+
+
+def _local_index(parameter: torch.Tensor) -> tuple[slice, ...]:
+    """Which part of the whole tensor this process holds: all of it, or its FSDP2 shard."""
+    if not isinstance(parameter, DTensor):
+        return tuple(slice(0, size) for size in parameter.shape)
+    shape, offset = compute_local_shape_and_global_offset(parameter.shape, parameter.device_mesh,
+                                                          parameter.placements)
+    return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+
+
+def _new_parameter(name: str, shape: tuple[int, ...], config: Any) -> torch.Tensor:
+    """A parameter the checkpoint does not hold, as ``PreTrainedModel._init_weights`` makes one for a
+    ``Linear`` or a norm, from a generator seeded by the process's initial seed (equal on every rank
+    after ``seed_everything``) and the name."""
+    if len(shape) == 1:
+        return torch.ones(shape) if name.endswith("weight") and "norm" in name.lower() else torch.zeros(shape)
+    generator = torch.Generator().manual_seed(torch.initial_seed() + sum(map(ord, name)))
+    return torch.empty(shape).normal_(0.0, getattr(config, "initializer_range", 0.02), generator=generator)
