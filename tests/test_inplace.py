@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -156,3 +158,37 @@ def test_pruned_weights_stay_zero_under_an_optimizer_whose_update_is_dense(tmp_p
                       default_root_dir=tmp_path, callbacks=[strategy, check])
     trainer.fit(module, SyntheticClassificationData(size=32))
     assert check.steps == 8 and strategy.measured_sparsity() == 0.5
+
+
+class Rebuild(Callback):
+    """After optimizer step ``at``, replace the run's AdamW with a new one carrying its state (as a strategy
+    that rebuilds its optimizers mid-run does); after every later step, check that the optimizer in use
+    has zero moments where pruned."""
+
+    def __init__(self, strategy: Magnitude, at: int) -> None:
+        self.strategy, self.at, self.old, self.checked = strategy, at, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        if self.old is not None:
+            assert optimizer is not self.old
+            for layer in self.strategy.layers:
+                state, pruned = optimizer.state[layer.stored_weight], ~stored_keep(layer)
+                assert (state["exp_avg"][pruned] == 0).all() and (state["exp_avg_sq"][pruned] == 0).all(), layer.name
+            self.checked += 1
+        if trainer.global_step == self.at:
+            new = torch.optim.AdamW([dict(group) for group in optimizer.param_groups])
+            new.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own moments, not shared
+            self.old, trainer.optimizers = optimizer, [new]
+
+
+def test_holding_zeroes_the_state_of_the_optimizer_in_use_after_it_was_replaced(tmp_path):
+    strategy = Magnitude(sparsity=0.75, schedule=SparsitySchedule("linear", initial_warmup=0.0, final_warmup=0.25))
+    rebuild, check = Rebuild(strategy, at=2), HeldZeros(strategy)
+    torch.manual_seed(0)
+    module = SparseFTModule(config=tiny_config("bert", hidden_dropout_prob=0.0), num_labels=2, learning_rate=0.1)
+    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=tmp_path, callbacks=[strategy, rebuild, check])
+    trainer.fit(module, SyntheticClassificationData(size=32))
+    assert rebuild.checked == 6 and check.steps == 8 and strategy.measured_sparsity() == 0.75
