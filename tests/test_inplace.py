@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from sparseft.sparse.deltas import LowRank
-from sparseft.sparse.inplace import hold_, mask_gradients_, mask_weights_, release_, stored_keep
+from sparseft.sparse.inplace import hold_, mask_gradients_, mask_weights_, release_, stored_keep, zero_pruned_
 from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores
@@ -192,3 +192,24 @@ def test_holding_zeroes_the_state_of_the_optimizer_in_use_after_it_was_replaced(
                       default_root_dir=tmp_path, callbacks=[strategy, rebuild, check])
     trainer.fit(module, SyntheticClassificationData(size=32))
     assert rebuild.checked == 6 and check.steps == 8 and strategy.measured_sparsity() == 0.75
+
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bits as integers (a complex entry as two of its parts' size)."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex128])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_zeroing_the_pruned_gives_the_plain_where_bit_for_bit(dtype, sparsity):
+    generator = torch.Generator().manual_seed(round(sparsity * 10))
+    whole = (torch.randn(48, 40, generator=generator) * 3).to(dtype)  # about half negative
+    whole.view(-1)[:40] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0] * 8).to(dtype)
+    keep = torch.rand(48, 40, generator=generator) >= sparsity
+    for target, mask in ((whole.clone(), keep), (whole.clone().t(), keep.t())):  # contiguous, and not
+        expected = torch.where(mask, target, torch.zeros((), dtype=dtype))
+        zero_pruned_(target, mask)
+        assert torch.equal(bits(target), bits(expected)), "the kept entries' bits, and +0.0 where pruned"
