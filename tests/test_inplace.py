@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from sparseft.sparse.deltas import LowRank
-from sparseft.sparse.inplace import hold_, mask_gradients_, mask_weights_, release_, stored_keep
+from sparseft.sparse.inplace import hold_, mask_gradients_, mask_weights_, release_, stored_keep, zero_pruned_
 from sparseft.sparse.prune import prune_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
 from sparseft.sparse.scores import LearnedScores
@@ -156,3 +158,58 @@ def test_pruned_weights_stay_zero_under_an_optimizer_whose_update_is_dense(tmp_p
                       default_root_dir=tmp_path, callbacks=[strategy, check])
     trainer.fit(module, SyntheticClassificationData(size=32))
     assert check.steps == 8 and strategy.measured_sparsity() == 0.5
+
+
+class Rebuild(Callback):
+    """After optimizer step ``at``, replace the run's AdamW with a new one carrying its state (as a strategy
+    that rebuilds its optimizers mid-run does); after every later step, check that the optimizer in use
+    has zero moments where pruned."""
+
+    def __init__(self, strategy: Magnitude, at: int) -> None:
+        self.strategy, self.at, self.old, self.checked = strategy, at, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        if self.old is not None:
+            assert optimizer is not self.old
+            for layer in self.strategy.layers:
+                state, pruned = optimizer.state[layer.stored_weight], ~stored_keep(layer)
+                assert (state["exp_avg"][pruned] == 0).all() and (state["exp_avg_sq"][pruned] == 0).all(), layer.name
+            self.checked += 1
+        if trainer.global_step == self.at:
+            new = torch.optim.AdamW([dict(group) for group in optimizer.param_groups])
+            new.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own moments, not shared
+            self.old, trainer.optimizers = optimizer, [new]
+
+
+def test_holding_zeroes_the_state_of_the_optimizer_in_use_after_it_was_replaced(tmp_path):
+    strategy = Magnitude(sparsity=0.75, schedule=SparsitySchedule("linear", initial_warmup=0.0, final_warmup=0.25))
+    rebuild, check = Rebuild(strategy, at=2), HeldZeros(strategy)
+    torch.manual_seed(0)
+    module = SparseFTModule(config=tiny_config("bert", hidden_dropout_prob=0.0), num_labels=2, learning_rate=0.1)
+    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=tmp_path, callbacks=[strategy, rebuild, check])
+    trainer.fit(module, SyntheticClassificationData(size=32))
+    assert rebuild.checked == 6 and check.steps == 8 and strategy.measured_sparsity() == 0.75
+
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bits as integers (a complex entry as two of its parts' size)."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex128])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_zeroing_the_pruned_gives_the_plain_where_bit_for_bit(dtype, sparsity):
+    generator = torch.Generator().manual_seed(round(sparsity * 10))
+    whole = (torch.randn(48, 40, generator=generator) * 3).to(dtype)  # about half negative
+    whole.view(-1)[:40] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0] * 8).to(dtype)
+    keep = torch.rand(48, 40, generator=generator) >= sparsity
+    for target, mask in ((whole.clone(), keep), (whole.clone().t(), keep.t())):  # contiguous, and not
+        expected = torch.where(mask, target, torch.zeros((), dtype=dtype))
+        zero_pruned_(target, mask)
+        assert torch.equal(bits(target), bits(expected)), "the kept entries' bits, and +0.0 where pruned"

@@ -147,7 +147,7 @@ class SparsityStrategy(Callback):
         self._measured: dict[str, float] = {}
         self._masks_pending = False  # set by the coming forward (masks_from_forward_scores)
         self._masks_stale = False  # an optimizer step moved the scores since the masks were set
-        self._optimizers: list[torch.optim.Optimizer] = []  # the run's, from on_train_start
+        self._trainer: Trainer | None = None  # the fit's, from on_train_start (see _optimizers)
 
     def _check_pattern(self, pattern: MaskPattern) -> None:
         if pattern.scope != "nm":
@@ -348,15 +348,20 @@ class SparsityStrategy(Callback):
         trainable, all_params = count_parameters(pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": all_params}, step=trainer.global_step)
-        self._optimizers = list(trainer.optimizers)
+        self._trainer = trainer
         self._hold_if_fixed()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """The fit's optimizers as they are now, none outside a fit: read at each use, since a strategy or
+        callback may replace them mid-run (the old ones' state is no longer what a step reads)."""
+        return list(self._trainer.optimizers) if self._trainer is not None else []
 
     def _hold_if_fixed(self) -> None:
         """Hold the masks in ``W0`` (``holds_masks_in_place``), zeroing the newly pruned weights and their
         optimizer state: after the checkpoint, if any, was loaded and after every mask update, outside
         any gathering of sharded layers."""
         if self.holds_masks_in_place and self.layers:
-            hold_(self.layers, self._optimizers)
+            hold_(self.layers, self._optimizers())
 
     def _no_lr_warmup(self, warmup_ratio: float, total: int) -> str:
         """Why a schedule counted in learning-rate warm-ups cannot run: the warm-up rounds to 0 steps (a short
@@ -400,7 +405,7 @@ class SparsityStrategy(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.holds_masks_in_place and not pruned_stay_zero(self._optimizers):  # Muon's update is dense
+        if self.holds_masks_in_place and not pruned_stay_zero(self._optimizers()):  # Muon's update is dense
             mask_weights_(self.layers)
         if self._masks_pending:  # the forward has set them
             self._measure()

@@ -115,7 +115,6 @@ class SPDF(SparsityStrategy):
         self.tokens = 0  # training tokens seen (all ranks)
         #: the running batch: (optimizer steps before it, its tokens on all ranks), counted at its end
         self._running: tuple[int, int] | None = None
-        self._trainer: Trainer | None = None
         self.flops: FlopCount | None = None
         self._prepared = False
         self._loaded = False
