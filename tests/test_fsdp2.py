@@ -6,6 +6,7 @@ Every multi-process test runs 2 CPU processes over gloo."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,3 +172,27 @@ def test_a_sharded_checkpoint_outside_fsdp2_is_refused_with_what_works(tiny_bert
         (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sparseft: error:")]
         assert "is a sharded checkpoint (written under fsdp2)" in line and advice in line
         assert not (tmp_path / command).exists(), "nothing may be written before the refusal"
+
+
+@pytest.mark.slow
+def test_fsdp2_mixed_precision_computes_in_bf16_and_keeps_float32_shards(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
+    """``param_dtype: bfloat16`` (FSDP2's MixedPrecisionPolicy, float32 gradient reduction): the masks reach
+    their target exactly, the trained shards stay float32, and the weights are not the float32 run's (the
+    forward and backward ran in bfloat16) while staying close to them."""
+    runs = {}
+    for name, init_args in (("fp32", {}), ("bf16", {"param_dtype": "bfloat16"})):
+        strategy = json.dumps({"class_path": "sparseft.training.sharding.FSDP2Strategy", "init_args": init_args})
+        runs[name] = load_checkpoint(two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / name, strategy))["state_dict"]
+    masks = [key for key, value in runs["bf16"].items() if value.dtype == torch.bool]
+    assert len(masks) == 12 and all((~runs["bf16"][key]).float().mean().item() == 0.5 for key in masks)
+    weights = [key for key in runs["bf16"] if key.endswith("parametrizations.weight.original")]
+    assert all(runs["bf16"][key].dtype == torch.float32 for key in weights)
+    differences = [(runs["bf16"][key] - runs["fp32"][key]).abs().max().item() for key in weights]
+    assert max(differences) > 0 and max(differences) < 0.05
+
+
+def test_fsdp2_reduce_dtype_needs_a_param_dtype():
+    with pytest.raises(ValueError, match="reduce_dtype needs --trainer.strategy.param_dtype"):
+        FSDP2Strategy(reduce_dtype="float32")
+    policy = FSDP2Strategy(param_dtype="bfloat16").mp_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)

@@ -263,7 +263,8 @@ class SparseFTModule(LightningModule):
         under a strategy that does not shard.
         """
         if self._device_mesh is not None:
-            shard_backbone_(self.model, data_parallel_mesh(self._device_mesh))
+            shard_backbone_(self.model, data_parallel_mesh(self._device_mesh),
+                            getattr(self.trainer.strategy, "mp_policy", None))
         if self._weights_to_read is not None and has_meta_parameters(self.model):
             new = load_weights_(self.model, backbone_directory(self._weights_to_read))
             if new:

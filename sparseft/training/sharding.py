@@ -32,14 +32,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import PreTrainedModel
@@ -53,11 +53,30 @@ _SHARDED_LOADING: ContextVar[bool] = ContextVar("sparseft_sharded_loading", defa
 
 class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` as pure FSDP2: one data-parallel dimension over every process of every
-    node (``ModelParallelStrategy`` alone puts a node's processes in a tensor-parallel dimension)."""
+    node (``ModelParallelStrategy`` alone puts a node's processes in a tensor-parallel dimension).
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("tensor_parallel_size", 1)
-        super().__init__(**kwargs)
+    Args:
+        param_dtype: FSDP2's own mixed precision, the usual choice on GPUs: parameters are gathered and
+            the forward and backward computed in this dtype (``bfloat16``), while the shards the optimizer
+            updates, and masks chosen from them, stay in their own dtype (float32 under ``32-true``).
+            None: no casting (``bf16-mixed`` is then Lightning's autocast over float32 gathers).
+        reduce_dtype: the dtype gradients are reduced in across ranks; with ``param_dtype`` set, float32
+            unless given.
+        tensor_parallel_size: 1 (sparseft shards with FSDP2 only; other values are refused at setup).
+        **kwargs: ``ModelParallelStrategy``'s other arguments.
+    """
+
+    def __init__(self, param_dtype: Literal["bfloat16", "float16"] | None = None,
+                 reduce_dtype: Literal["float32", "bfloat16"] | None = None, tensor_parallel_size: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(tensor_parallel_size=tensor_parallel_size, **kwargs)
+        if reduce_dtype is not None and param_dtype is None:
+            raise ValueError("--trainer.strategy.reduce_dtype needs --trainer.strategy.param_dtype (FSDP2's mixed "
+                             "precision); without it gradients are reduced in the parameters' dtype")
+        self.mp_policy = MixedPrecisionPolicy(
+            param_dtype=getattr(torch, param_dtype) if param_dtype else None,
+            reduce_dtype=getattr(torch, reduce_dtype or "float32") if param_dtype else None,
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -103,11 +122,11 @@ def broadcast_from_first_rank_(model: nn.Module, mesh: DeviceMesh) -> None:
             tensor.copy_(staged)
 
 
-def shard_backbone_(model: nn.Module, mesh: DeviceMesh) -> int:
+def shard_backbone_(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> int:
     """Give every rank the first rank's values, then ``fully_shard`` every transformer block of ``model``
     and ``model`` itself (the embeddings, the head and whatever lies outside the blocks), over the 1-D
-    ``mesh``. Returns the blocks sharded; a model already sharded is left as it is (Lightning calls
-    ``configure_model`` once per run)."""
+    ``mesh``, with FSDP2's mixed precision ``mp_policy`` (:class:`FSDP2Strategy`). Returns the blocks
+    sharded; a model already sharded is left as it is (Lightning calls ``configure_model`` once per run)."""
     if isinstance(model, FSDPModule):
         return 0
     broadcast_from_first_rank_(model, mesh)
@@ -117,9 +136,10 @@ def shard_backbone_(model: nn.Module, mesh: DeviceMesh) -> int:
     # an empty tensor has nothing to shard, and FSDP2's gradient reduce-scatter refuses one (S²FT trains
     # no column of a layer where it selects no head): such parameters stay whole on every rank
     empty = {parameter for parameter in model.parameters() if parameter.numel() == 0}
+    policy = mp_policy or MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh, ignored_params=empty)
-    fully_shard(model, mesh=mesh, ignored_params=empty)
+        fully_shard(block, mesh=mesh, ignored_params=empty, mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=empty, mp_policy=policy)
     return len(blocks)
 
 
@@ -178,8 +198,8 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
             if len(keys) > 1 and not _all_equal(checkpoint, keys):  # from_pretrained unties them then
                 raise ValueError(
                     f"{directory} stores {' and '.join(keys)} with different values, which the model's config ties "
-                    "into one parameter: set tie_word_embeddings to false in its config.json, or load the whole backbone "
-                    "(build the module outside sharded loading)"
+                    "into one parameter: set tie_word_embeddings to false in its config.json, or load the whole "
+                    "backbone (build the module outside sharded loading)"
                 )
             key = keys[0] if keys else None
             if key is not None and checkpoint.shape(key) == tuple(parameter.shape):
