@@ -21,8 +21,8 @@ Two pluggable pieces, both optional ``nn.Module``s:
   autograd: the mask then adds that term's gradient ``sgn(W) ⊙ ∂L/∂S = ∂L/∂W' ⊙ |W|`` itself,
   one full-size temporary instead of four.
 
-Masking is ``where(M, W, 0)``: no float copy of the mask per step, and a pruned weight that
-is inf or NaN contributes 0, not NaN.
+Masking is ``where(M, W, 0)``, computed on the weights' bits (:mod:`sparseft.sparse.masking`: no branch
+per entry, no float copy of the mask): a pruned weight that is inf or NaN contributes 0, not NaN.
 
 A mask can also be *held* in ``W0`` itself (:mod:`sparseft.sparse.inplace`): with ``W0`` kept
 exactly zero where ``M = 0``, ``M ⊙ W0 = W0`` and the forward returns the stored weight as it is,
@@ -55,6 +55,7 @@ from torch.nn.utils import parametrize
 
 from sparseft.sparse.deltas import add_delta, on_input
 from sparseft.sparse.layers import LinearLayer, as_out_in, find_linear_layers
+from sparseft.sparse.masking import apply_mask, masked
 
 
 class SparseWeight(nn.Module):
@@ -112,7 +113,7 @@ class SparseWeight(nn.Module):
             return as_out_in(weight, self.transposed)
         tracking = torch.is_grad_enabled()
         if self.score is None or (not tracking and self.mask_from_scores is None):  # scores only carry gradient
-            return as_out_in(torch.where(self.mask, weight, 0.0), self.transposed)
+            return as_out_in(apply_mask(weight, self.mask), self.transposed)
         scores = self.score(weight)
         if self.mask_from_scores is not None:
             self.mask.copy_(self.mask_from_scores(scores.detach()))
@@ -121,7 +122,7 @@ class SparseWeight(nn.Module):
             magnitude_term = bool(getattr(self.score, "magnitude_term", False))
             masked = StraightThroughMask.apply(weight, scores, self.mask, magnitude_term)
         else:
-            masked = torch.where(self.mask, weight, 0.0)
+            masked = apply_mask(weight, self.mask)
         return as_out_in(masked, self.transposed)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -158,16 +159,14 @@ class StraightThroughMask(torch.autograd.Function):
                 mask: torch.Tensor, magnitude_term: bool) -> torch.Tensor:
         ctx.save_for_backward(weight, mask)
         ctx.magnitude_term = magnitude_term
-        return torch.where(mask, weight, 0.0)
+        return masked(weight, mask)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, mask = ctx.saved_tensors
         if ctx.magnitude_term:  # ∂L/∂W' ⊙ (|W| + M), in one buffer
-            grad_weight = weight.abs().mul_(grad).addcmul_(grad, mask)
-        else:
-            grad_weight = torch.where(mask, grad, 0.0)
-        return grad_weight, grad * weight, None, None
+            return weight.abs().mul_(grad).addcmul_(grad, mask), grad * weight, None, None
+        return masked(grad, mask), grad * weight, None, None
 
 
 @dataclass(frozen=True)
