@@ -12,8 +12,9 @@ last step each rank counts the bytes it holds of:
 
 counted from the tensors themselves (``DTensor.to_local()`` for shards), so the numbers do not
 depend on the allocator or on what else the machine runs. The ratio FSDP2 / DDP of their sum
-is the issue's goal (≤ 0.6x). Each rank's peak resident memory (``ru_maxrss``) is reported too,
-at the start of training (loading and sharding done: "load peak") and at its end.
+is the issue's goal (≤ 0.6x). Each rank's peak resident memory (``ru_maxrss``) is reported too:
+before the model is built (Python, torch, transformers, Lightning: "base"), at the start of training
+(loading and sharding done: "load peak") and at its end.
 
 A third run, ``fsdp2-loaded``, builds the module inside ``trainer.init_module(empty_init=True)``:
 the backbone without weights, each process reading only its own shards of the checkpoint
@@ -63,6 +64,7 @@ class StateBytes(Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the model is built
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -79,6 +81,7 @@ class StateBytes(Callback):
             "optimizer_mb": sum(map(local_bytes, state)) / MB,
             "buffers_mb": sum(map(local_bytes, buffers)) / MB,
             "masks_mb": sum(map(local_bytes, masks)) / MB,
+            "base_rss_mb": self.base_mb,
             "load_peak_rss_mb": self.load_peak_mb,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
@@ -143,7 +146,7 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     print(f"{'strategy':<10} {'run':<13} {'params':>8} {'grads':>8} {'optim':>8} {'buffers':>8} {'masks':>7} "
-          f"{'state':>8} {'vs DDP':>7} {'load peak':>9} {'peak RSS':>9}   (MiB per rank, max over the 2 ranks)")
+          f"{'state':>8} {'vs DDP':>7} {'base':>6} {'load peak':>9} {'peak RSS':>9}   (MiB per rank, max of 2 ranks)")
     for strategy in args.strategies:
         ddp = None
         loaded = strategy == "dense" or get_strategy(strategy).attaches_to_empty_weights
@@ -154,7 +157,7 @@ def main() -> None:
             ratio = worst["state_mb"] / ddp["state_mb"]
             print(f"{strategy:<10} {trainer_strategy:<13} {worst['parameters_mb']:>8.1f} "
                   f"{worst['gradients_mb']:>8.1f} {worst['optimizer_mb']:>8.1f} {worst['buffers_mb']:>8.1f} "
-                  f"{worst['masks_mb']:>7.1f} {worst['state_mb']:>8.1f} {ratio:>6.2f}x "
+                  f"{worst['masks_mb']:>7.1f} {worst['state_mb']:>8.1f} {ratio:>6.2f}x {worst['base_rss_mb']:>6.0f} "
                   f"{worst['load_peak_rss_mb']:>9.0f} {worst['peak_rss_mb']:>9.0f}", flush=True)
             print("RESULT " + json.dumps({"strategy": strategy, "trainer_strategy": trainer_strategy,
                                           "state_vs_ddp": ratio, **worst}), flush=True)

@@ -212,22 +212,27 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
 
 
 def _materialize_(model: nn.Module) -> set[str]:
-    """Storage for every meta tensor of ``model``, keeping every other tensor's values; returns the names of
+    """Storage for every meta parameter of ``model``, keeping every other tensor's values; returns the names of
     those that were meta (their values still to be read). ``to_empty`` is the call FSDP2 supports for this (it
-    re-registers its shards); it empties every tensor, so the real ones (the strategy's, buffers) are kept
-    aside, each process its own shards of them, and put back."""
-    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
-    kept = {name: _local(tensor).clone() for name, tensor in tensors.items() if not _local(tensor).is_meta}
+    re-registers its shards); it empties every tensor, so the real parameters (the strategy's ΔW and scores) are
+    kept aside, each process its own shards of them, and copied back, and the buffers (masks, rotary
+    frequencies) are put back as they were, with no copy."""
+    parameters = dict(model.named_parameters())
+    kept = {name: _local(tensor).clone() for name, tensor in parameters.items() if not _local(tensor).is_meta}
+    buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+               if buffer is not None and not buffer.is_meta]
     swapping = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)  # keeps each Parameter object: tied weights stay tied
     try:
         model.to_empty(device="cpu")
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swapping)
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer
+    for name, tensor in model.named_parameters():
         if name in kept:
             _local(tensor).copy_(kept[name])
-    return set(tensors) - set(kept)
+    return set(parameters) - set(kept)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
