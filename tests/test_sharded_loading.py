@@ -33,14 +33,17 @@ def loaded_empty(task: str, directory: Path, num_labels: int = 2) -> tuple[torch
 
 @pytest.mark.parametrize(("model_type", "task"), [("bert", "sequence-classification"), ("llama", "causal-lm"),
                                                   ("gpt2", "causal-lm")])
-@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "pickle"])
-def test_an_empty_backbone_read_from_its_checkpoint_is_from_pretrained(model_type, task, safe_serialization,
-                                                                      tmp_path):
+@pytest.mark.parametrize("files", ["safetensors", "safetensors-index", "pickle"])
+def test_an_empty_backbone_read_from_its_checkpoint_is_from_pretrained(model_type, task, files, tmp_path):
     directory = make_tiny_model_dir(tmp_path / "model", model_type, task)
-    if not safe_serialization:  # rewrite the weights as pytorch_model.bin (memory-mapped when read)
+    if files != "safetensors":
         model = load_backbone(task, str(directory))
         (directory / "model.safetensors").unlink()
-        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+        if files == "pickle":  # pytorch_model.bin, memory-mapped when read
+            torch.save(model.state_dict(), directory / "pytorch_model.bin")
+        else:  # several files and model.safetensors.index.json, as large checkpoints are saved
+            model.save_pretrained(directory, max_shard_size="20KB")
+            assert len(list(directory.glob("model-*.safetensors"))) > 1
     reference = load_backbone(task, str(directory))
     model, new = loaded_empty(task, directory)
     assert new == [] and not has_meta_parameters(model)
@@ -148,3 +151,12 @@ def test_the_cli_loads_shards_under_fsdp2_unless_the_strategy_reads_weights_when
     assert whole_backbone_reason("fsdp2", sparsity("S2FT")) == (
         "sparsity strategy S2FT reads the backbone's weights when it attaches")
     assert whole_backbone_reason("ddp", sparsity("Magnitude")) == "not sharded"
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    directory = make_tiny_model_dir(tmp_path / "model", "bert")
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    model = load_backbone("sequence-classification", str(directory), num_labels=2, empty=True)
+    with pytest.raises(ValueError, match="model.safetensors: the file ends inside a tensor"):
+        load_weights_(model, directory)

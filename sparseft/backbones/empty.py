@@ -7,20 +7,23 @@ they are small, and the non-persistent ones (LLaMA's rotary frequencies, BERT's 
 computed when the model is built and are in no checkpoint.
 
 :class:`CheckpointTensors` reads a Hugging Face model directory's ``safetensors`` files (one file or
-an index of several) by key and row range without reading the rest; ``pytorch_model.bin`` files are
-memory-mapped, so slicing them reads only the pages sliced.
+an index of several) by key and row range without reading the rest: a row range of a row-major
+tensor is one contiguous byte range, read with plain file reads straight into its tensor (no memory
+map, whose touched pages would count as the process's resident memory); ``pytorch_model.bin`` files
+are memory-mapped, so slicing them reads only the pages sliced.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
@@ -78,40 +81,34 @@ class CheckpointTensors:
         self.directory = Path(directory)
         self._files = weight_files(self.directory)
         self._stack = ExitStack()
-        self._open: dict[Path, Any] = {}
-        self._file_of: dict[str, Path] = {}
+        self._tensors: dict[str, StoredTensor | torch.Tensor] = {}
 
     def __enter__(self) -> CheckpointTensors:
         for path in self._files:
             if path.suffix == ".safetensors":
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                keys = list(handle.keys())
-            else:
-                handle = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                keys = list(handle)
-            self._open[path] = handle
-            self._file_of.update(dict.fromkeys(keys, path))
+                handle = self._stack.enter_context(path.open("rb"))
+                self._tensors.update(safetensors_entries(handle))
+            else:  # memory-mapped: slicing reads only the pages sliced
+                self._tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
-        self._open.clear()
+        self._tensors.clear()
 
     def keys(self) -> set[str]:
-        return set(self._file_of)
+        return set(self._tensors)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        handle = self._open[self._file_of[key]]
-        if isinstance(handle, dict):
-            return tuple(handle[key].shape)
-        return tuple(handle.get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        """``tensor[index]`` of the stored tensor ``key``, reading only that part where the format allows."""
-        handle = self._open[self._file_of[key]]
-        if isinstance(handle, dict):
-            return handle[key][index].clone()
-        return handle.get_slice(key)[index]
+        """``tensor[index]`` of the stored tensor ``key`` as a new tensor, reading only its rows ``index[0]``."""
+        stored = self._tensors[key]
+        if isinstance(stored, torch.Tensor):
+            return stored[index].clone()
+        return stored.read_rows(index[0] if index else slice(None))[(slice(None), *index[1:])]
+
 
     def key_of(self, name: str, base_model_prefix: str) -> str | None:
         """The stored key of the model's parameter ``name`` (a parametrized ``weight`` by its plain name); a
@@ -122,7 +119,48 @@ class CheckpointTensors:
         candidates = [name]
         if prefix:
             candidates.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
-        return next((key for key in candidates if key in self._file_of), None)
+        return next((key for key in candidates if key in self._tensors), None)
+
+
+#: safetensors' dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes lie in an open safetensors file (row-major, so rows are contiguous)."""
+
+    file: BinaryIO
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    def read_rows(self, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` (along the first dimension) read from the file straight into a new tensor: plain reads,
+        no memory map, so a process's resident memory grows by what it keeps, not by the pages it touched."""
+        start, stop, step = rows.indices(self.shape[0] if self.shape else 1)
+        if step != 1:
+            raise ValueError(f"rows {rows} of a stored tensor: only contiguous ranges are read")
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        buffer = torch.empty(max(stop - start, 0) * row_bytes, dtype=torch.uint8)
+        self.file.seek(self.offset + start * row_bytes)
+        if self.file.readinto(buffer.numpy()) != buffer.numel():
+            raise ValueError(f"{self.file.name}: the file ends inside a tensor (truncated?)")
+        return buffer.view(self.dtype).view(max(stop - start, 0), *self.shape[1:]) if self.shape else \
+            buffer.view(self.dtype).view(())
+
+
+def safetensors_entries(file: BinaryIO) -> dict[str, StoredTensor]:
+    """The tensors an open safetensors file holds, from its header: an 8-byte little-endian length, then that
+    many bytes of JSON naming each tensor's dtype, shape and byte range after the header."""
+    header_length = int.from_bytes(file.read(8), "little")
+    header = json.loads(file.read(header_length))
+    start = 8 + header_length
+    return {key: StoredTensor(file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                              start + entry["data_offsets"][0])
+            for key, entry in header.items() if key != "__metadata__"}
 
 
 def weight_files(directory: Path) -> list[Path]:
