@@ -94,16 +94,18 @@ def test_gpt2_and_llama_under_fsdp2_give_the_masks_and_weights_of_ddp(model_type
     check_fsdp2(strategy_class, init_args, tmp_path, model_type)
 
 
-def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, *extra: str, devices: int = 2
-                    ) -> Path:
+def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, *extra: str, devices: int = 2,
+                    says: str | None = None) -> Path:
     """``sparseft fit`` on ``devices`` CPU processes under ``strategy``, in processes of its own (a process
-    group started in the test process would hold its port for later tests); returns its ``last.ckpt``."""
+    group started in the test process would hold its port for later tests); returns its ``last.ckpt``.
+    ``says``: a line its output must contain."""
     args = [a for a in fit_args(model_dir, data_dir, root, *extra) if not a.startswith("--trainer.max_steps")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "sparseft", *args, "--trainer.max_steps=6",
                              f"--trainer.strategy={strategy}", f"--trainer.devices={devices}"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert says is None or says in result.stdout + result.stderr, f"no {says!r} in {result.stderr[-3000:]}"
     (last,) = root.rglob("last.ckpt")
     return last
 
@@ -111,7 +113,9 @@ def two_process_fit(model_dir: Path, data_dir: Path, root: Path, strategy: str, 
 @pytest.mark.slow
 def test_export_and_report_of_a_sharded_checkpoint_are_the_ddp_runs(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
     ddp = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "ddp", "ddp")
-    fsdp2 = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "fsdp2", "fsdp2")
+    # magnitude attaches to a backbone without weights: each rank reads its own rows of the checkpoint
+    fsdp2 = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / "fsdp2", "fsdp2",
+                            says="FSDP2 sharded loading: each process reads only its own shards")
     assert ddp.is_file() and is_sharded_checkpoint(fsdp2)
     inputs = {"input_ids": torch.tensor([[2, 17, 40, 99, 3], [2, 250, 31, 3, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
@@ -135,8 +139,9 @@ def test_export_and_report_of_a_sharded_checkpoint_are_the_ddp_runs(tiny_bert_di
 def test_s2ft_adapter_of_a_sharded_checkpoint_is_the_ddp_runs(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
     s2ft = ["--sparsity=s2ft", "--sparsity.sparsity=0.75", "--sparsity.allocation=layer"]
     adapters = {}
-    for name in ("ddp", "fsdp2"):
-        checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / name, name, *s2ft)
+    for name in ("ddp", "fsdp2"):  # S²FT's slices copy weights when it attaches: the whole backbone is loaded
+        says = "every process loads the whole backbone before FSDP2 shards it" if name == "fsdp2" else None
+        checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / name, name, *s2ft, says=says)
         adapter = tmp_path / f"{name}.safetensors"
         main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / name}-export",
               f"--adapter_path={adapter}"])
