@@ -160,3 +160,20 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     model = load_backbone("sequence-classification", str(directory), num_labels=2, empty=True)
     with pytest.raises(ValueError, match="model.safetensors: the file ends inside a tensor"):
         load_weights_(model, directory)
+
+
+def test_movements_constant_scores_are_born_without_storage_and_set_once_loaded(tiny_bert_dir):
+    """No process holds movement's scores whole (as large as the weights): created on the meta device with
+    the backbone, sharded, then set to their constant start; a random start stays real (drawn as before)."""
+    with sharded_loading():
+        module = SparseFTModule(backbone=str(tiny_bert_dir), num_labels=2)
+    movement = build_strategy({"name": "movement", "init_args": {"sparsity": 0.5, "score_init_scale": 0.25}})
+    layers = movement.attach(module.model)
+    assert all(layer.param.score.scores.is_meta for layer in layers)
+    load_weights_(module.model, tiny_bert_dir)
+    assert all(torch.equal(layer.param.score.scores, torch.full(layer.mask.shape, 0.25)) for layer in layers)
+    with sharded_loading():
+        module = SparseFTModule(backbone=str(tiny_bert_dir), num_labels=2)
+    uniform = build_strategy({"name": "movement", "init_args": {"sparsity": 0.5, "score_init": "uniform",
+                                                                 "score_init_scale": 0.25}})
+    assert not any(layer.param.score.scores.is_meta for layer in uniform.attach(module.model))

@@ -38,6 +38,15 @@ class LearnedScores(nn.Module):
     def __init__(self, shape: tuple[int, int], init: ScoreInit = "constant", scale: float = 0.0) -> None:
         super().__init__()
         self.scores = nn.Parameter(initial_scores(shape, init, scale))
+        self.init, self.scale = init, scale
+        #: a constant start can be set again after the scores got storage (sharded loading creates them on
+        #: the meta device, so no process holds all of them); a random one could not be drawn again identically
+        self.empty_init = init == "constant"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The constant start (``empty_init``): every score ``scale``, on whatever shard this process holds."""
+        self.scores.fill_(self.scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.scores

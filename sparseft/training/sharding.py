@@ -19,8 +19,9 @@ to shapes, ``fully_shard`` splits the shapes, and :func:`load_weights_` then giv
 storage for its own rows and reads just those from the checkpoint. Per process, the backbone costs
 its share of the weights plus one tensor being read, not the whole model. The strategy's own
 tensors (masks, ΔW, scores) are built whole in every process before sharding, as without sharded
-loading: a strategy whose tensors are as large as the weights (movement's scores) still holds them
-whole until ``fully_shard``. A strategy that reads the weights when it attaches (DSEE's supports,
+loading, except modules that can set their start again once they have storage (``empty_init``:
+movement's constant scores, as large as the weights), which are born on the meta device too and
+set after sharding. A strategy that reads the weights when it attaches (DSEE's supports,
 S²FT's slices, SPDF's masks) sets ``attaches_to_empty_weights = False`` and the CLI loads the whole
 backbone in every process for it, as before.
 """
@@ -183,6 +184,7 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
     agrees. Returns those parameters' names.
     """
     empty = _materialize_(model)
+    empty -= _reset_empty_init_(model, empty)
     missing = []
     aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names (embeddings and LM head)
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -209,6 +211,19 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
             missing.append(name)
             local.copy_(_new_parameter(name, tuple(parameter.shape), model.config)[index])
     return missing
+
+
+def _reset_empty_init_(model: nn.Module, empty: set[str]) -> set[str]:
+    """Set the start of every module that was created without storage (its parameters among ``empty``) because
+    it can (``empty_init``, as movement's constant scores); returns its parameters' names."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    done: set[str] = set()
+    for module in model.modules():
+        owned = {names[id(parameter)] for parameter in module.parameters()}
+        if getattr(module, "empty_init", False) and owned and owned <= empty:
+            module.reset_parameters()
+            done |= owned
+    return done
 
 
 def _materialize_(model: nn.Module) -> set[str]:
