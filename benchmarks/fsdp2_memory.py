@@ -149,7 +149,7 @@ def main() -> None:
           f"{'state':>8} {'vs DDP':>7} {'base':>6} {'load peak':>9} {'peak RSS':>9}   (MiB per rank, max of 2 ranks)")
     for strategy in args.strategies:
         ddp = None
-        loaded = strategy == "dense" or get_strategy(strategy).attaches_to_empty_weights
+        loaded = strategy == "dense" or get_strategy(strategy).attaches_to_empty(SETTINGS[strategy])
         for trainer_strategy in ("ddp", "fsdp2", "fsdp2-loaded")[: 3 if loaded else 2]:
             ranks = measure(args, strategy, trainer_strategy, root)
             worst = {key: max(rank[key] for rank in ranks) for key in ranks[0]}

@@ -139,8 +139,8 @@ def test_export_and_report_of_a_sharded_checkpoint_are_the_ddp_runs(tiny_bert_di
 def test_s2ft_adapter_of_a_sharded_checkpoint_is_the_ddp_runs(tiny_bert_dir, sst2_dir, tmp_path):  # noqa: F811
     s2ft = ["--sparsity=s2ft", "--sparsity.sparsity=0.75", "--sparsity.allocation=layer"]
     adapters = {}
-    for name in ("ddp", "fsdp2"):  # S²FT's slices copy weights when it attaches: the whole backbone is loaded
-        says = "every process loads the whole backbone before FSDP2 shards it" if name == "fsdp2" else None
+    for name in ("ddp", "fsdp2"):  # the seeded random selection reads shapes: each rank reads its own rows
+        says = "FSDP2 sharded loading: each process reads only its own shards" if name == "fsdp2" else None
         checkpoint = two_process_fit(tiny_bert_dir, sst2_dir, tmp_path / name, name, *s2ft, says=says)
         adapter = tmp_path / f"{name}.safetensors"
         main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / name}-export",

@@ -1,7 +1,7 @@
 """Sharded loading: a backbone built without weights (meta device) and read from its checkpoint piece by piece.
 
 The two-process runs (FSDP2, each rank reading only its rows) are in the conformance suite's FSDP2 check
-(``fsdp2-loaded``, every strategy that sets ``attaches_to_empty_weights``) and in tests/test_fsdp2.py; here,
+(``fsdp2-loaded``, every strategy that attaches to a backbone without weights) and in tests/test_fsdp2.py; here,
 in one process: the reading itself against ``from_pretrained``, the new-head and key-prefix cases, the
 refusal of a strategy that reads weights when it attaches, and the CLI's choice.
 """
@@ -130,11 +130,11 @@ def test_a_module_built_without_weights_trains_as_the_loaded_one_in_one_process(
         assert torch.equal(states[1][key], value), key
 
 
-@pytest.mark.parametrize("name", ["dsee", "s2ft", "spdf"])
-def test_a_strategy_that_reads_weights_when_it_attaches_refuses_a_module_without_them(name, tiny_bert_dir):
+@pytest.mark.parametrize(("name", "init_args"), [("dsee", {}), ("spdf", {}), ("s2ft", {"criterion": "weight"})])
+def test_a_strategy_that_reads_weights_when_it_attaches_refuses_a_module_without_them(name, init_args, tiny_bert_dir):
     with sharded_loading():
         module = SparseFTModule(backbone=str(tiny_bert_dir), num_labels=2)
-    strategy = build_strategy({"name": name, "init_args": {"sparsity": 0.5}})
+    strategy = build_strategy({"name": name, "init_args": {"sparsity": 0.5, **init_args}})
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[strategy])
     with pytest.raises(ValueError, match=f"sparsity strategy '{name}' reads the backbone's weights when it attaches"):
@@ -142,14 +142,17 @@ def test_a_strategy_that_reads_weights_when_it_attaches_refuses_a_module_without
 
 
 def test_the_cli_loads_shards_under_fsdp2_unless_the_strategy_reads_weights_when_it_attaches():
-    def sparsity(name: str) -> dict[str, str]:
-        return {"class_path": f"sparseft.strategies.{name}"}
+    def sparsity(name: str, **init_args: str) -> dict[str, object]:
+        return {"class_path": f"sparseft.strategies.{name}", "init_args": init_args}
 
     assert whole_backbone_reason("fsdp2", None) is None
     assert whole_backbone_reason("fsdp2", sparsity("Magnitude")) is None
     assert whole_backbone_reason("lightning.pytorch.strategies.ModelParallelStrategy", sparsity("LoRA")) is None
-    assert whole_backbone_reason("fsdp2", sparsity("S2FT")) == (
+    assert whole_backbone_reason("fsdp2", sparsity("S2FT")) is None  # the seeded random selection
+    assert whole_backbone_reason("fsdp2", sparsity("S2FT", criterion="activation")) == (
         "sparsity strategy S2FT reads the backbone's weights when it attaches")
+    assert whole_backbone_reason("fsdp2", sparsity("DSEE")) == (
+        "sparsity strategy DSEE reads the backbone's weights when it attaches")
     assert whole_backbone_reason("ddp", sparsity("Magnitude")) == "not sharded"
 
 

@@ -91,7 +91,8 @@ def whole_backbone_reason(trainer_strategy: Any, sparsity: Any) -> str | None:
     if class_path is None:
         return None
     strategy = _strategy_class(class_path)
-    if getattr(strategy, "attaches_to_empty_weights", False):
+    init_args = sparsity.get("init_args") or {}
+    if hasattr(strategy, "attaches_to_empty") and strategy.attaches_to_empty(dict(init_args)):
         return None
     name = getattr(strategy, "__name__", class_path)
     return f"sparsity strategy {name} reads the backbone's weights when it attaches"

@@ -241,10 +241,10 @@ def attach(
     param = SparseWeight(layer.shape, layer.transposed, delta, score, masked)
     # a backbone built on the meta device (sharded loading) gets a real mask, ΔW and scores, which FSDP2 shards
     # from these values, while W0 is read from the checkpoint shard by shard (sparseft.training.sharding); a
-    # module that can set its start again once it has storage (``empty_init``) stays on the meta device too
+    # module that can set its start again once it has storage (``empty_start``) stays on the meta device too
     param.to(device=None if weight.is_meta else weight.device, dtype=weight.dtype)
     for part in (delta, score):
-        if weight.is_meta and getattr(part, "empty_init", False):
+        if weight.is_meta and getattr(part, "empty_start", ()):
             part.to("meta")
     # on a meta W0 the consistency check would mix devices: a meta weight has a shape and nothing to check
     parametrize.register_parametrization(module, "weight", param, unsafe=weight.is_meta)

@@ -38,14 +38,15 @@ class LearnedScores(nn.Module):
     def __init__(self, shape: tuple[int, int], init: ScoreInit = "constant", scale: float = 0.0) -> None:
         super().__init__()
         self.scores = nn.Parameter(initial_scores(shape, init, scale))
-        self.init, self.scale = init, scale
-        #: a constant start can be set again after the scores got storage (sharded loading creates them on
-        #: the meta device, so no process holds all of them); a random one could not be drawn again identically
-        self.empty_init = init == "constant"
+        self.scale = scale
+        #: parameters whose start :meth:`reset_empty_` sets once they have storage: a constant start can be
+        #: (sharded loading then creates the scores on the meta device, so no process holds all of them); a
+        #: random one could not be drawn again identically
+        self.empty_start = ("scores",) if init == "constant" else ()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The constant start (``empty_init``): every score ``scale``, on whatever shard this process holds."""
+    def reset_empty_(self) -> None:
+        """The constant start: every score ``scale``, on whatever shard this process holds."""
         self.scores.fill_(self.scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

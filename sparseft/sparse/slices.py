@@ -101,11 +101,21 @@ class SliceLinear(nn.Module):
         self.weight = module.weight
         self.weight.requires_grad_(False)
         self.bias = module.bias
-        index = index.to(device=self.weight.device, dtype=torch.long).sort().values
+        # a W0 still to be read (sharded loading) is on the meta device; the indices are real all the same
+        device = None if self.weight.is_meta else self.weight.device
+        index = index.to(device=device, dtype=torch.long).sort().values
         if index.unique().numel() != index.numel():
             raise ValueError("slice indices must be distinct")
         self.register_buffer("index", index)
         self.delta = nn.Parameter(self.weight.new_zeros(self._delta_shape(index.numel())))
+
+    #: parameters whose start :meth:`reset_empty_` sets once they have storage (sharded loading)
+    empty_start = ("delta",)
+
+    @torch.no_grad()
+    def reset_empty_(self) -> None:
+        """``Δ = 0``, the start, on whatever shard this process holds."""
+        self.delta.zero_()
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, is_dataclass
 from typing import Any, ClassVar
@@ -325,10 +325,17 @@ class SparsityStrategy(Callback):
             f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
         )
 
+    @classmethod
+    def attaches_to_empty(cls, init_args: Mapping[str, Any]) -> bool:
+        """Whether the strategy built from ``init_args`` attaches to a backbone without its weights (sharded
+        loading): ``attaches_to_empty_weights``, unless a subclass knows better for some settings."""
+        return cls.attaches_to_empty_weights
+
     def check_weights_present(self, model: nn.Module) -> None:
         """Refuse, in one line, a backbone built without its weights (sharded loading) unless this strategy
-        ``attaches_to_empty_weights``; a ``setup`` that reads weights before the base one calls it first."""
-        if not self.attaches_to_empty_weights and not self.layers and _without_weights(model):
+        attaches to one (:meth:`attaches_to_empty`); a ``setup`` that reads weights before the base one calls
+        it first."""
+        if not self.attaches_to_empty(getattr(self, "_init_args", {})) and not self.layers and _without_weights(model):
             raise ValueError(
                 f"sparsity strategy {self.strategy_id!r} reads the backbone's weights when it attaches, but the model "
                 "was built without them (sharded loading, trainer.init_module(empty_init=True)): build the module "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -149,6 +150,12 @@ class S2FT(SparsityStrategy):
         """Also refuse ``heads`` / ``channels`` above what the model has, before the data is read."""
         super().check_model(model)
         self._unit_counts(unit_groups(model))
+
+    @classmethod
+    def attaches_to_empty(cls, init_args: Mapping[str, Any]) -> bool:
+        """The seeded random selection reads shapes only (Δ starts at zero); weight and data criteria read
+        the weights (and run the model) to choose."""
+        return init_args.get("criterion", "random") == "random"
 
     def attach(self, model: nn.Module) -> list[SlicedLayer]:
         """Swap the planned layers for slice layers and freeze the rest (idempotent)."""

@@ -361,7 +361,7 @@ def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, mo
     attaches to a backbone without weights also runs under FSDP2 with sharded loading (run ``fsdp2-loaded``)."""
     module_name, _, class_name = class_path.rpartition(".")
     strategy_class = getattr(importlib.import_module(module_name), class_name)
-    for run in fsdp2_runs(strategy_class):
+    for run in fsdp2_runs(strategy_class, init_args):
         trainer_strategy = run.split("-")[0]
         strategy = build_from_config(strategy_class, init_args)
         extra = callbacks(strategy, trainer_strategy) if callbacks else []
@@ -369,9 +369,10 @@ def fsdp2_and_ddp_runs(class_path: str, init_args: dict[str, Any], root: str, mo
                            sharded_loading=run.endswith("loaded"))
 
 
-def fsdp2_runs(strategy_class: type[SparsityStrategy]) -> tuple[str, ...]:
+def fsdp2_runs(strategy_class: type[SparsityStrategy], init_args: dict[str, Any]) -> tuple[str, ...]:
     """The runs :func:`fsdp2_and_ddp_runs` makes: DDP, FSDP2, and FSDP2 with sharded loading where it applies."""
-    return ("ddp", "fsdp2", "fsdp2-loaded") if strategy_class.attaches_to_empty_weights else ("ddp", "fsdp2")
+    loaded = strategy_class.attaches_to_empty(init_args)
+    return ("ddp", "fsdp2", "fsdp2-loaded") if loaded else ("ddp", "fsdp2")
 
 
 def assert_states_match(reference: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -402,7 +403,7 @@ def check_fsdp2(strategy_class: type[SparsityStrategy], init_args: dict[str, Any
     result = subprocess.run([sys.executable, str(script), _class_path(strategy_class), json.dumps(init_args),
                              str(root), model_type], env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    runs = [f"{run}-rank{rank}" for run in fsdp2_runs(strategy_class) for rank in (0, 1)][1:]
+    runs = [f"{run}-rank{rank}" for run in fsdp2_runs(strategy_class, init_args) for rank in (0, 1)][1:]
     assert_states_match(torch.load(root / "ddp-rank0.pt"), {run: torch.load(root / f"{run}.pt") for run in runs})
 
 

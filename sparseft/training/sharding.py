@@ -19,10 +19,10 @@ to shapes, ``fully_shard`` splits the shapes, and :func:`load_weights_` then giv
 storage for its own rows and reads just those from the checkpoint. Per process, the backbone costs
 its share of the weights plus one tensor being read, not the whole model. The strategy's own
 tensors (masks, ΔW, scores) are built whole in every process before sharding, as without sharded
-loading, except modules that can set their start again once they have storage (``empty_init``:
-movement's constant scores, as large as the weights), which are born on the meta device too and
-set after sharding. A strategy that reads the weights when it attaches (DSEE's supports,
-S²FT's slices, SPDF's masks) sets ``attaches_to_empty_weights = False`` and the CLI loads the whole
+loading, except parameters whose start can be set again once they have storage (``empty_start``:
+movement's constant scores, as large as the weights; S²FT's zero Δ), which are born on the meta
+device too and set after sharding. A strategy that reads the weights when it attaches (DSEE's supports,
+S²FT's weight and data criteria, SPDF's masks) says so (``attaches_to_empty_weights``) and the CLI loads the whole
 backbone in every process for it, as before.
 """
 
@@ -214,15 +214,15 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
 
 
 def _reset_empty_init_(model: nn.Module, empty: set[str]) -> set[str]:
-    """Set the start of every module that was created without storage (its parameters among ``empty``) because
-    it can (``empty_init``, as movement's constant scores); returns its parameters' names."""
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    """Set the start of the parameters created without storage (among ``empty``) by modules that can
+    (``empty_start`` names them, ``reset_empty_()`` sets them: movement's constant scores, S²FT's zero Δ);
+    returns their names."""
     done: set[str] = set()
-    for module in model.modules():
-        owned = {names[id(parameter)] for parameter in module.parameters()}
-        if getattr(module, "empty_init", False) and owned and owned <= empty:
-            module.reset_parameters()
-            done |= owned
+    for prefix, module in model.named_modules():
+        names = {f"{prefix}.{name}" if prefix else name for name in getattr(module, "empty_start", ())}
+        if names and names <= empty:
+            module.reset_empty_()
+            done |= names
     return done
 
 
