@@ -19,7 +19,8 @@ before the model is built (Python, torch, transformers, Lightning: "base"), at t
 A third run, ``fsdp2-loaded``, builds the module inside ``trainer.init_module(empty_init=True)``:
 the backbone without weights, each process reading only its own shards of the checkpoint
 (sharded loading, :mod:`sparseft.training.sharding`); the other two load the whole backbone in
-every process. Strategies that read weights when they attach (SPDF, S²FT, DSEE) have no such run.
+every process. Settings that read weights when they attach (DSEE; SPDF's magnitude masks, S²FT's weight
+and data criteria) have no such run.
 
     python benchmarks/fsdp2_memory.py --strategies magnitude spdf s2ft --steps 2
 

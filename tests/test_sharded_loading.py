@@ -130,7 +130,8 @@ def test_a_module_built_without_weights_trains_as_the_loaded_one_in_one_process(
         assert torch.equal(states[1][key], value), key
 
 
-@pytest.mark.parametrize(("name", "init_args"), [("dsee", {}), ("spdf", {}), ("s2ft", {"criterion": "weight"})])
+@pytest.mark.parametrize(("name", "init_args"), [("dsee", {}), ("spdf", {"init": "magnitude"}),
+                                              ("s2ft", {"criterion": "weight"})])
 def test_a_strategy_that_reads_weights_when_it_attaches_refuses_a_module_without_them(name, init_args, tiny_bert_dir):
     with sharded_loading():
         module = SparseFTModule(backbone=str(tiny_bert_dir), num_labels=2)
@@ -153,6 +154,8 @@ def test_the_cli_loads_shards_under_fsdp2_unless_the_strategy_reads_weights_when
         "sparsity strategy S2FT reads the backbone's weights when it attaches")
     assert whole_backbone_reason("fsdp2", sparsity("DSEE")) == (
         "sparsity strategy DSEE reads the backbone's weights when it attaches")
+    assert whole_backbone_reason("fsdp2", sparsity("SPDF")) is None  # random static masks
+    assert whole_backbone_reason("fsdp2", sparsity("SPDF", init="magnitude")) is not None
     assert whole_backbone_reason("ddp", sparsity("Magnitude")) == "not sharded"
 
 

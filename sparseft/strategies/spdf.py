@@ -144,15 +144,23 @@ class SPDF(SparsityStrategy):
         densify_(self.layers)
         self.layers, self._measured, self.applied_sparsity, self.dense = [], {}, 0.0, True
 
+    @classmethod
+    def attaches_to_empty(cls, init_args: Mapping[str, Any]) -> bool:
+        """Random masks (the default) read shapes only; magnitude masks and a checkpoint to start from read
+        the weights."""
+        return init_args.get("init", "random") == "random" and not init_args.get("checkpoint")
+
     def choose_masks(self, trainer: Trainer | None = None) -> None:
-        """The static masks, once: exact per-matrix count, then ``W0 ← M ⊙ W0``."""
+        """The static masks, once: exact per-matrix count, then ``W0 ← M ⊙ W0`` (for a ``W0`` still to be read,
+        sharded loading, the masks held in place zero it at the start of training instead)."""
         self.update_masks(self.final_sparsity)
         if self.init == "magnitude" and trainer is not None and trainer.world_size > 1:  # rank 0's weights rule
             masks = trainer.strategy.broadcast([layer.mask.cpu() for layer in self.layers], src=0)
             for layer, keep in zip(self.layers, masks, strict=True):
                 layer.set_mask_(keep)
             self._measure()
-        mask_weights_(self.layers)
+        if not any(layer.stored_weight.is_meta for layer in self.layers):
+            mask_weights_(self.layers)
         self._prepared = True
 
     # ---- Lightning hooks -----------------------------------------------------------------

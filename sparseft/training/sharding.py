@@ -21,9 +21,9 @@ its share of the weights plus one tensor being read, not the whole model. The st
 tensors (masks, ΔW, scores) are built whole in every process before sharding, as without sharded
 loading, except parameters whose start can be set again once they have storage (``empty_start``:
 movement's constant scores, as large as the weights; S²FT's zero Δ), which are born on the meta
-device too and set after sharding. A strategy that reads the weights when it attaches (DSEE's supports,
-S²FT's weight and data criteria, SPDF's masks) says so (``attaches_to_empty_weights``) and the CLI loads the whole
-backbone in every process for it, as before.
+device too and set after sharding. A strategy that reads the weights when it attaches (DSEE's
+supports, S²FT's weight and data criteria, SPDF's magnitude masks) says so (``attaches_to_empty``)
+and the CLI loads the whole backbone in every process for it, as before.
 """
 
 from __future__ import annotations
