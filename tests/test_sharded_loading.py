@@ -16,9 +16,10 @@ from lightning.pytorch import Trainer
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from sparseft.backbones.empty import CheckpointTensors, has_meta_parameters
+from sparseft.backbones.empty import CheckpointTensors
 from sparseft.backbones.loading import build_config, load_backbone
 from sparseft.cli.checks import whole_backbone_reason
+from sparseft.sparse.sharding import has_meta_parameters
 from sparseft.strategies import build_strategy
 from sparseft.testing import SyntheticClassificationData, make_tiny_model_dir, tiny_config
 from sparseft.training.module import SparseFTModule

@@ -59,15 +59,6 @@ def empty_backbone(model_class: Any, directory: str | Path, config_kwargs: dict[
         return model_class.from_config(config).train()
 
 
-def has_meta_parameters(model: nn.Module) -> bool:
-    """Whether some parameter of ``model`` has no storage yet (built by :func:`empty_backbone`)."""
-    return any(_local(parameter).is_meta for parameter in model.parameters())
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 class CheckpointTensors:
     """The tensors of a model directory's weight files, read by key and index without loading the rest.
 

@@ -37,7 +37,7 @@ import torch
 from sparseft.sparse import masking
 from sparseft.sparse.layers import as_out_in
 from sparseft.sparse.parametrize import SparseLayer
-from sparseft.sparse.sharding import is_sharded, local_rows
+from sparseft.sparse.sharding import is_sharded, local_part, local_rows
 
 
 def can_hold(layer: SparseLayer) -> bool:
@@ -64,7 +64,7 @@ def stored_keep(layer: SparseLayer) -> torch.Tensor:
 def zero_pruned_(target: torch.Tensor, keep: torch.Tensor) -> None:
     """``target ← where(keep, target, 0)`` in place, bit for bit (:func:`sparseft.sparse.masking.zero_pruned_`);
     ``keep`` in ``target``'s layout (this rank's rows of a sharded ``target``)."""
-    masking.zero_pruned_(target.to_local() if is_sharded(target) else target, keep)
+    masking.zero_pruned_(local_part(target), keep)
 
 
 #: Optimizers whose update is elementwise and 0 where the gradient and every state entry are 0 (weight

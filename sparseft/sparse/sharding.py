@@ -33,6 +33,17 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``tensor``: its shard of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def has_meta_parameters(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` has no storage yet: built without its weights (meta device), to be
+    read shard by shard after FSDP2 splits it (sharded loading)."""
+    return any(local_part(parameter).is_meta for parameter in model.parameters())
+
+
 def sharded_parameters(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` (or of its submodules) is a DTensor."""
     return any(is_sharded(parameter) for parameter in module.parameters())

@@ -48,7 +48,7 @@ from sparseft.sparse.measure import count_parameters
 from sparseft.sparse.parametrize import SparseLayer
 from sparseft.sparse.prune import MaskPattern, prune_, prune_on_next_forward_, sparsify
 from sparseft.sparse.schedules import SparsitySchedule
-from sparseft.sparse.sharding import whole_parameters
+from sparseft.sparse.sharding import has_meta_parameters, whole_parameters
 from sparseft.sparse.targets import TargetSpec, describe_targets, select_targets
 
 CHECKPOINT_KEY = "sparseft_strategy"
@@ -335,7 +335,8 @@ class SparsityStrategy(Callback):
         """Refuse, in one line, a backbone built without its weights (sharded loading) unless this strategy
         attaches to one (:meth:`attaches_to_empty`); a ``setup`` that reads weights before the base one calls
         it first."""
-        if not self.attaches_to_empty(getattr(self, "_init_args", {})) and not self.layers and _without_weights(model):
+        attaches = self.attaches_to_empty(getattr(self, "_init_args", {}))
+        if not attaches and not self.layers and has_meta_parameters(model):
             raise ValueError(
                 f"sparsity strategy {self.strategy_id!r} reads the backbone's weights when it attaches, but the model "
                 "was built without them (sharded loading, trainer.init_module(empty_init=True)): build the module "
@@ -485,11 +486,6 @@ class SparsityStrategy(Callback):
             key = keys.get(id(layer.mask))
             if key in saved:
                 saved[key] = layer.mask.detach().clone()
-
-
-def _without_weights(model: nn.Module) -> bool:
-    """Some parameter of ``model`` is still on the meta device: built to be loaded shard by shard."""
-    return any(parameter.is_meta for parameter in model.parameters())
 
 
 def _overrides(strategy: SparsityStrategy, method: str) -> bool:

@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 
-from sparseft.backbones.empty import has_meta_parameters
 from sparseft.backbones.loading import Task, backbone_directory, load_backbone
 from sparseft.datamodules.base import class_predictions, classification_metric_inputs
+from sparseft.sparse.sharding import has_meta_parameters
 from sparseft.strategies.base import CHECKPOINT_KEY, SparsityStrategy
 from sparseft.strategies.registry import build_strategy
 from sparseft.training.callbacks import PendingValidation, RandomState

@@ -47,6 +47,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from sparseft.backbones.empty import CheckpointTensors
+from sparseft.sparse.sharding import local_part
 
 FSDP2_NAME = "fsdp2"
 _SHARDED_LOADING: ContextVar[bool] = ContextVar("sparseft_sharded_loading", default=False)
@@ -194,7 +195,7 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
         for name, parameter in model.named_parameters():
             if name not in empty:  # the strategy's ΔW and scores: kept as they were
                 continue
-            local = _local(parameter)
+            local = local_part(parameter)
             index = _local_index(parameter)
             keys = sorted({checkpoint.key_of(alias, prefix) for alias in aliases[id(parameter)]} - {None})
             if len(keys) > 1 and not _all_equal(checkpoint, keys):  # from_pretrained unties them then
@@ -233,7 +234,7 @@ def _materialize_(model: nn.Module) -> set[str]:
     kept aside, each process its own shards of them, and copied back, and the buffers (masks, rotary
     frequencies) are put back as they were, with no copy."""
     parameters = dict(model.named_parameters())
-    kept = {name: _local(tensor).clone() for name, tensor in parameters.items() if not _local(tensor).is_meta}
+    kept = {name: local_part(tensor).clone() for name, tensor in parameters.items() if not local_part(tensor).is_meta}
     buffers = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
                if buffer is not None and not buffer.is_meta]
     swapping = torch.__future__.get_swap_module_params_on_conversion()
@@ -246,12 +247,8 @@ def _materialize_(model: nn.Module) -> set[str]:
         module._buffers[name] = buffer
     for name, tensor in model.named_parameters():
         if name in kept:
-            _local(tensor).copy_(kept[name])
+            local_part(tensor).copy_(kept[name])
     return set(parameters) - set(kept)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _all_equal(checkpoint: CheckpointTensors, keys: list[str]) -> bool:
