@@ -184,3 +184,14 @@ def test_movements_constant_scores_are_born_without_storage_and_set_once_loaded(
     uniform = build_strategy({"name": "movement", "init_args": {"sparsity": 0.5, "score_init": "uniform",
                                                                  "score_init_scale": 0.25}})
     assert not any(layer.param.score.scores.is_meta for layer in uniform.attach(module.model))
+
+
+def test_a_backbone_weight_missing_from_the_checkpoint_is_refused_not_drawn(tmp_path):
+    """Only a new task head may start at random; a backbone weight the file lacks (a renamed key) is refused."""
+    directory = make_tiny_model_dir(tmp_path / "model", "bert")
+    state = load_backbone("sequence-classification", str(directory), num_labels=2).state_dict()
+    state.pop("bert.encoder.layer.1.attention.self.query.weight")
+    save_file(state, directory / "model.safetensors")
+    model = load_backbone("sequence-classification", str(directory), num_labels=2, empty=True)
+    with pytest.raises(ValueError, match="no tensor for the backbone weight bert.encoder.layer.1.attention.self"):
+        load_weights_(model, directory)

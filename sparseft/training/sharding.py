@@ -179,7 +179,8 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
     a parameter sharded by FSDP2 only its local rows, any other one whole. Every process reads the same
     file, so every rank holds the same values with no communication.
 
-    A parameter the checkpoint lacks, or stores in another shape (a new task head), is initialised as
+    A backbone weight the checkpoint lacks is refused (it would start at random). A parameter outside the
+    backbone that the checkpoint lacks, or stores in another shape (a new task head), is initialised as
     Hugging Face initialises a new ``Linear`` (normal with ``initializer_range``, zero bias; ones for a
     norm's 1-D weight), drawn whole from a generator seeded alike on every rank, so every rank
     agrees. Returns those parameters' names.
@@ -209,6 +210,12 @@ def load_weights_(model: PreTrainedModel, directory: str | Path) -> list[str]:
                 if local.numel():
                     local.copy_(checkpoint.read(key, index))
                 continue
+            if prefix and name.startswith(f"{prefix}."):  # a backbone weight, not a new task head
+                raise ValueError(
+                    f"{directory}: no tensor for the backbone weight {name} (as save_pretrained names it), so sharded "
+                    "loading would start it at random: re-save the checkpoint with save_pretrained, or load the "
+                    "whole backbone (--trainer.strategy ddp, or build the module outside sharded loading)"
+                )
             missing.append(name)
             local.copy_(_new_parameter(name, tuple(parameter.shape), model.config)[index])
     return missing
